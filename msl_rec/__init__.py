@@ -1,0 +1,1 @@
+"""msl-rec: LLMs as sequential recommenders with the Masked Softmax Loss."""
