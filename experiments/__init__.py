@@ -1,0 +1,1 @@
+"""Study drivers and benchmarks; no library code."""

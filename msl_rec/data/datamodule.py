@@ -1,0 +1,293 @@
+"""The Lightning DataModule: BIGRec CSVs -> tokenised prompts + responses -> padded batches.
+
+Batch contract (every tensor int64; ``B`` samples, ``T`` the longest prompt+response in the batch):
+
+* ``input_ids`` (B, T): LEFT-padded prompt ids followed by the target's response ids.
+* ``attention_mask`` (B, T): 1 on real tokens, 0 on padding.
+* ``labels`` (B, T): -100 on padding and prompt, the response ids (``catalog.response_ids``,
+  EOS included) on the response positions. Labels are built from the response ids, so the pad
+  id (``tokenizer.pad_token_id``, or EOS when that is None) never reaches them even when it equals EOS.
+* ``response_len`` (B,): response tokens per row (EOS included); the response is the row's tail.
+* ``valid_ids`` (B, P, K): ``catalog.valid_id_tensor(target_ids)``, -1 padded; position ``p``
+  lists the ids valid after ``p`` response tokens (``P`` = longest response in the batch).
+* ``target_ids`` (B,), ``user_ids`` (B,).
+* ``prompt_input_ids``, ``prompt_attention_mask`` (B, Tp): the prompt alone, left-padded (decoding).
+* only when ``num_negatives > 0``: ``neg_item_ids`` (B, n); ``neg_input_ids``,
+  ``neg_attention_mask``, ``neg_labels`` (B*n, T2), same layout as the positives, rows ordered
+  sample-major (row ``b * n + j`` is negative ``j`` of sample ``b``), each with sample ``b``'s prompt.
+
+Negatives are drawn uniformly from catalog items, never the target, an item sharing the
+target's title, or an item of the user's history, and distinct in response text from each other.
+They are seeded by ``(seed, epoch, sample index)``: redrawn each epoch (the train sampler's
+``set_epoch``, which Lightning calls before each epoch, forwards to :meth:`RecDataModule.set_epoch`),
+or always epoch 0's when ``fixed_negatives``. A negative reuses the positive's prompt, so a
+negative row may exceed ``cutoff_len`` by the difference in response lengths.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+import lightning as L
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset, Sampler
+
+from msl_rec.data.catalog import ItemCatalog
+from msl_rec.data.io import Sample, read_samples
+from msl_rec.data.prompts import PromptBuilder
+
+IGNORE_INDEX = -100
+BATCH_KEYS = ("input_ids", "attention_mask", "labels", "response_len", "valid_ids", "target_ids", "user_ids",
+              "prompt_input_ids", "prompt_attention_mask")
+NEGATIVE_KEYS = ("neg_item_ids", "neg_input_ids", "neg_attention_mask", "neg_labels")
+
+
+@dataclass(frozen=True)
+class EncodedSample:
+    """A sample with its prompt ids (already fitted to ``cutoff_len``) and response ids."""
+
+    sample: Sample
+    prompt_ids: list[int]
+    response_ids: list[int]
+
+
+def pad_id_of(tokenizer, catalog: ItemCatalog) -> int:
+    """``tokenizer.pad_token_id``, or EOS when the tokenizer has no pad token."""
+    pad = getattr(tokenizer, "pad_token_id", None)
+    return catalog.eos_id if pad is None else int(pad)
+
+
+def left_pad(rows: Sequence[Sequence[int]], value: int) -> torch.Tensor:
+    """``(len(rows), longest)`` int64 tensor, each row right-aligned, ``value`` on the left."""
+    width = max(len(r) for r in rows)
+    out = torch.full((len(rows), width), value, dtype=torch.long)
+    for b, r in enumerate(rows):
+        if len(r):
+            out[b, width - len(r):] = torch.as_tensor(list(r), dtype=torch.long)
+    return out
+
+
+def encode_samples(samples: Sequence[Sample], builder: PromptBuilder, catalog: ItemCatalog) -> list[EncodedSample]:
+    """Tokenise every prompt once (one batch call) and attach each target's response ids."""
+    responses = [catalog.response_ids(s.target) for s in samples]
+    prompts = builder.build_batch([s.history for s in samples], [len(r) for r in responses])
+    return [EncodedSample(s, p, r) for s, p, r in zip(samples, prompts, responses)]
+
+
+def sample_negatives(catalog: ItemCatalog, sample: Sample, n: int, rng: np.random.Generator,
+                     items: np.ndarray | None = None) -> list[int]:
+    """``n`` item ids drawn uniformly from the catalog by rejection, excluding the target, items
+    sharing its title, the history, and repeats of an already drawn response text."""
+    items = np.fromiter(sorted(catalog.titles), dtype=np.int64) if items is None else items
+    banned_items = set(sample.history)
+    used_seqs = {catalog.item_seq[sample.target]}
+    n_free = len({catalog.item_seq[int(i)] for i in items} - used_seqs - {catalog.item_seq[i] for i in banned_items})
+    if n_free < n:
+        raise ValueError(f"cannot draw {n} negatives for user {sample.user_id}: only {n_free} eligible titles")
+    out: list[int] = []
+    while len(out) < n:
+        for item in rng.choice(items, size=2 * n):
+            item = int(item)
+            seq = catalog.item_seq[item]
+            if item in banned_items or seq in used_seqs:
+                continue
+            out.append(item)
+            used_seqs.add(seq)
+            if len(out) == n:
+                break
+    return out
+
+
+class RecDataset(Dataset):
+    """Encoded samples; draws negatives per item access when ``num_negatives > 0``."""
+
+    def __init__(self, encoded: list[EncodedSample], catalog: ItemCatalog, num_negatives: int = 0,
+                 fixed_negatives: bool = False, seed: int = 0):
+        self.encoded = encoded
+        self.catalog = catalog
+        self.num_negatives = num_negatives
+        self.fixed_negatives = fixed_negatives
+        self.seed = seed
+        self.epoch = 0
+        self._items = np.fromiter(sorted(catalog.titles), dtype=np.int64)
+
+    def __len__(self) -> int:
+        return len(self.encoded)
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = int(epoch)
+
+    def negatives(self, index: int) -> list[int]:
+        epoch = 0 if self.fixed_negatives else self.epoch
+        rng = np.random.default_rng([self.seed, epoch, index])
+        return sample_negatives(self.catalog, self.encoded[index].sample, self.num_negatives, rng, self._items)
+
+    def __getitem__(self, index: int) -> dict:
+        enc = self.encoded[index]
+        row = {"enc": enc}
+        if self.num_negatives > 0:
+            row["negatives"] = self.negatives(index)
+        return row
+
+
+class EpochShuffleSampler(Sampler[int]):
+    """A permutation seeded by ``(seed, epoch)``; ``set_epoch`` also sets the dataset's epoch,
+    so negatives are redrawn per epoch without any extra callback (Lightning calls it)."""
+
+    def __init__(self, dataset: RecDataset, seed: int = 0):
+        self.dataset = dataset
+        self.seed = seed
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = int(epoch)
+        self.dataset.set_epoch(epoch)
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __iter__(self):
+        g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
+        return iter(torch.randperm(len(self.dataset), generator=g).tolist())
+
+
+class Collator:
+    """Pad a list of dataset rows into the batch contract of this module's docstring."""
+
+    def __init__(self, catalog: ItemCatalog, pad_id: int):
+        self.catalog = catalog
+        self.pad_id = pad_id
+
+    def _rows(self, prompts: list[list[int]], responses: list[list[int]]) -> dict[str, torch.Tensor]:
+        seqs = [p + r for p, r in zip(prompts, responses)]
+        labels = [[IGNORE_INDEX] * len(p) + list(r) for p, r in zip(prompts, responses)]
+        return {
+            "input_ids": left_pad(seqs, self.pad_id),
+            "attention_mask": left_pad([[1] * len(s) for s in seqs], 0),
+            "labels": left_pad(labels, IGNORE_INDEX),
+        }
+
+    def __call__(self, rows: list[dict]) -> dict[str, torch.Tensor]:
+        encs: list[EncodedSample] = [r["enc"] for r in rows]
+        prompts = [e.prompt_ids for e in encs]
+        targets = [e.sample.target for e in encs]
+        batch = self._rows(prompts, [e.response_ids for e in encs])
+        batch["response_len"] = torch.tensor([len(e.response_ids) for e in encs], dtype=torch.long)
+        batch["valid_ids"] = self.catalog.valid_id_tensor(targets)
+        batch["target_ids"] = torch.tensor(targets, dtype=torch.long)
+        batch["user_ids"] = torch.tensor([e.sample.user_id for e in encs], dtype=torch.long)
+        batch["prompt_input_ids"] = left_pad(prompts, self.pad_id)
+        batch["prompt_attention_mask"] = left_pad([[1] * len(p) for p in prompts], 0)
+        if "negatives" in rows[0]:
+            negs = [r["negatives"] for r in rows]
+            neg_prompts = [p for p, ns in zip(prompts, negs) for _ in ns]
+            neg_resp = [self.catalog.response_ids(i) for ns in negs for i in ns]
+            batch["neg_item_ids"] = torch.tensor(negs, dtype=torch.long)
+            for key, value in self._rows(neg_prompts, neg_resp).items():
+                batch["neg_" + key] = value
+        return batch
+
+
+def _get(cfg, key, default=None):
+    return cfg.get(key, default) if isinstance(cfg, Mapping) or hasattr(cfg, "get") else getattr(cfg, key, default)
+
+
+class RecDataModule(L.LightningDataModule):
+    """Train/valid/test dataloaders over BIGRec CSVs.
+
+    Args:
+        dataset_cfg: the ``dataset`` config (``train_file``, ``valid_file``, ``test_file`` (may be
+            null), ``instruction``, ``input_prefix``, ``cutoff_len``).
+        tokenizer: the backbone's tokenizer (fast; one batch call per split at setup).
+        catalog: the :class:`ItemCatalog` built from ``dataset_cfg.item_file`` with this tokenizer.
+        micro_batch_size: train batch size; eval_batch_size: valid/test batch size.
+        train_subset, valid_subset, test_subset: keep only the FIRST N rows of that file (file
+            order, so the same rows every run); None keeps all.
+        num_negatives: negatives per train sample (0: no ``neg_*`` keys). Valid/test carry none.
+        fixed_negatives: draw epoch 0's negatives every epoch.
+        seed: seeds the train shuffle and the negatives.
+        num_workers: DataLoader workers (not persistent, so each epoch sees the current epoch).
+
+    Attributes:
+        train_targets: target item id of every train row (after ``train_subset``), for popularity.
+    """
+
+    def __init__(self, dataset_cfg, tokenizer, catalog: ItemCatalog, micro_batch_size: int = 4,
+                 eval_batch_size: int = 8, train_subset: int | None = None, valid_subset: int | None = None,
+                 test_subset: int | None = None, num_negatives: int = 0, fixed_negatives: bool = False,
+                 seed: int = 0, num_workers: int = 0):
+        super().__init__()
+        if micro_batch_size < 1 or eval_batch_size < 1:
+            raise ValueError("micro_batch_size and eval_batch_size must be >= 1")
+        if num_negatives < 0:
+            raise ValueError(f"num_negatives must be >= 0 (got {num_negatives})")
+        self.cfg = dataset_cfg
+        self.tokenizer = tokenizer
+        self.catalog = catalog
+        self.micro_batch_size = micro_batch_size
+        self.eval_batch_size = eval_batch_size
+        self.subsets = {"train": train_subset, "valid": valid_subset, "test": test_subset}
+        self.num_negatives = num_negatives
+        self.fixed_negatives = fixed_negatives
+        self.seed = seed
+        self.num_workers = num_workers
+        self.builder = PromptBuilder(tokenizer, catalog.titles, _get(dataset_cfg, "instruction"),
+                                     _get(dataset_cfg, "input_prefix"), int(_get(dataset_cfg, "cutoff_len", 512)))
+        self.collator = Collator(catalog, pad_id_of(tokenizer, catalog))
+        self.datasets: dict[str, RecDataset] = {}
+        self.train_targets: list[int] = []
+        self._train_sampler: EpochShuffleSampler | None = None
+
+    def _load(self, split: str) -> RecDataset | None:
+        if split in self.datasets:
+            return self.datasets[split]
+        path = _get(self.cfg, f"{split}_file")
+        if path is None:
+            return None
+        samples = read_samples(path, self.catalog.titles)
+        if self.subsets[split] is not None:
+            samples = samples[: int(self.subsets[split])]
+        negs = self.num_negatives if split == "train" else 0
+        ds = RecDataset(encode_samples(samples, self.builder, self.catalog), self.catalog, negs,
+                        self.fixed_negatives, self.seed)
+        self.datasets[split] = ds
+        return ds
+
+    def setup(self, stage: str | None = None) -> None:
+        if stage in (None, "fit"):
+            train = self._load("train")
+            self.train_targets = [e.sample.target for e in train.encoded] if train else []
+        if stage in (None, "fit", "validate"):
+            self._load("valid")
+        if stage in (None, "test"):
+            self._load("test")
+
+    def set_epoch(self, epoch: int) -> None:
+        """Redraw train negatives for ``epoch`` (no effect with ``fixed_negatives``)."""
+        if "train" in self.datasets:
+            self.datasets["train"].set_epoch(epoch)
+        if self._train_sampler is not None:
+            self._train_sampler.epoch = int(epoch)
+
+    def _loader(self, split: str, batch_size: int, sampler=None) -> DataLoader:
+        ds = self._load(split)
+        if ds is None:
+            raise ValueError(f"dataset.{split}_file is null; no {split} dataloader")
+        return DataLoader(ds, batch_size=batch_size, sampler=sampler, collate_fn=self.collator,
+                          num_workers=self.num_workers)
+
+    def train_dataloader(self) -> DataLoader:
+        ds = self._load("train")
+        if ds is None:
+            raise ValueError("dataset.train_file is null; no train dataloader")
+        self._train_sampler = EpochShuffleSampler(ds, self.seed)
+        self._train_sampler.set_epoch(ds.epoch)
+        return self._loader("train", self.micro_batch_size, self._train_sampler)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader("valid", self.eval_batch_size)
+
+    def test_dataloader(self) -> DataLoader:
+        return self._loader("test", self.eval_batch_size)

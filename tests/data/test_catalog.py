@@ -1,0 +1,61 @@
+import pytest
+import torch
+
+from msl_rec.data.catalog import ItemCatalog
+from msl_rec.data.errors import DataError
+
+from .helpers import CharTokenizer, brute_force_trie, brute_force_valid
+
+# shared prefixes (ab, abc, abd), a duplicate title (1 and 5), a title that is a prefix of another
+# at the token level once quotes are dropped (response_format without quotes below), and a one-char title
+TITLES = {1: "ab", 2: "abc", 3: "abd", 4: "b", 5: "ab", 6: "xyz", 7: "abcd"}
+
+
+@pytest.fixture(params=['"{title}"', "{title}"], ids=["quoted", "bare"])
+def catalog(request):
+    return ItemCatalog(TITLES, CharTokenizer(), response_format=request.param)
+
+
+def test_catalog_matches_brute_force_trie(catalog):
+    fmt = catalog.response_format
+    seqs = {i: [ord(c) for c in fmt.format(title=t)] + [0] for i, t in TITLES.items()}
+    root = brute_force_trie(seqs.values())
+    for item, seq in seqs.items():
+        assert catalog.response_ids(item) == seq
+        expected = brute_force_valid(root, seq)
+        assert [v.tolist() for v in catalog.valid_ids(item)] == expected
+        assert catalog.valid_counts(item).tolist() == [len(v) for v in expected]
+        for p in range(len(seq) + 1):
+            node = root
+            for tok in seq[:p]:
+                node = node[tok]
+            assert catalog.allowed(seq[:p]) == sorted(node)
+    assert catalog.items_for(seqs[1]) == (1, 5)
+    assert catalog.items_for(seqs[2]) == (2,)
+    assert catalog.items_for(seqs[2][:-1]) == ()
+    assert catalog.allowed([ord("q")]) == []
+
+
+def test_valid_id_tensor_padding():
+    catalog = ItemCatalog(TITLES, CharTokenizer())
+    t = catalog.valid_id_tensor([4, 7])
+    n_pos = max(len(catalog.response_ids(4)), len(catalog.response_ids(7)))
+    k = max(int(catalog.valid_counts(i).max()) for i in (4, 7))
+    assert t.dtype == torch.long and t.shape == (2, n_pos, k)
+    for b, item in enumerate((4, 7)):
+        valid = catalog.valid_ids(item)
+        for p in range(n_pos):
+            row = t[b, p]
+            if p < len(valid):
+                assert row[: len(valid[p])].tolist() == valid[p].tolist()
+                assert (row[len(valid[p]):] == -1).all()
+            else:
+                assert (row == -1).all()
+    # item 4 ('"b"' + EOS) is shorter than item 7, so its tail positions are all padding
+    assert (t[0, len(catalog.response_ids(4)):] == -1).all()
+
+
+def test_unknown_item_is_a_data_error():
+    catalog = ItemCatalog(TITLES, CharTokenizer())
+    with pytest.raises(DataError, match="item id 99"):
+        catalog.response_ids(99)
