@@ -49,13 +49,26 @@ def run_label(cfg: dict) -> str:
 
 
 def load_run(run: Path) -> dict:
+    """One run's config, final metrics, per-step log and w values.
+
+    An ``msl-rec-eval run_dir=<train run>`` folder counts as that training run: its loss, seed and
+    training curves come from the training folder, its metrics from the evaluation.
+    """
     cfg = yaml.safe_load((run / ".hydra" / "config.yaml").read_text())
     metrics = json.loads((run / "metrics.json").read_text())
+    source = run
+    if cfg.get("run_dir"):
+        source = Path(cfg["run_dir"])
+        cfg = yaml.safe_load((source / ".hydra" / "config.yaml").read_text())
     steps = []
-    for path in sorted(run.rglob("metrics.csv")):
+    for path in sorted(source.rglob("metrics.csv")):
         with open(path) as f:
             steps.extend(csv.DictReader(f))
     w_file = next(iter(sorted(run.rglob("w_values.npy"))), None)
+    if w_file is None:  # fall back to the per-step training means of w
+        w = np.array([float(s["train/w_mean"]) for s in steps if s.get("train/w_mean")])
+    else:
+        w = np.load(w_file)
     return {
         "dir": run,
         "label": run_label(cfg),
@@ -64,7 +77,7 @@ def load_run(run: Path) -> dict:
         "seed": cfg.get("seed"),
         "metrics": metrics,
         "steps": steps,
-        "w": np.load(w_file) if w_file else None,
+        "w": w if len(w) else None,
     }
 
 

@@ -2,13 +2,16 @@
 
 ``python -m experiments.bench.decode``: Books prompts from the last rows of ``valid.csv``, 10 beams,
 batches of 4. Each implementation runs in its own subprocess (so max RSS is its own); the parent
-prints seconds per user, peak memory and the speed-up. Ours also runs in ``cbs`` mode on the
+prints seconds per user, peak memory and the speed-up. Both sides use ``BENCH_THREADS`` torch threads
+(default 1; ``OMP_NUM_THREADS`` is set to match in the children). ``python -m experiments.bench.decode ours``
+runs just our side; ``ours-gather`` times our old path (full KV cache re-gathered per step). Ours also runs in ``cbs`` mode on the
 transformers users and must return the same titles (a live check of the exactness tests).
 """
 
 from __future__ import annotations
 
 import json
+import os
 import resource
 import subprocess
 import sys
@@ -20,6 +23,7 @@ BOOKS = ROOT / "data" / "books"
 INSTRUCTION = "Given a list of books the user has read before, please recommend a new book that the user likes to the user."
 INPUT_PREFIX = "The user has read the following books before: "
 NUM_BEAMS, BATCH, OURS_USERS, HF_USERS, MAX_NEW = 10, 4, 8, 4, 64
+THREADS = int(os.environ.get("BENCH_THREADS", "1"))
 
 
 def setup(n_users: int):
@@ -31,7 +35,7 @@ def setup(n_users: int):
     from msl_rec.data.prompts import PromptBuilder
     from msl_rec.models.tokenizers import load_gguf_tokenizer, smollm2_gguf_path
 
-    torch.set_num_threads(2)
+    torch.set_num_threads(THREADS)
     tok = load_gguf_tokenizer()
     titles = load_titles(BOOKS / "id2name4Rec.json", allow_empty_titles=True)
     catalog = ItemCatalog(titles, tok)
@@ -53,19 +57,21 @@ def setup(n_users: int):
     return model, catalog, batches
 
 
-def run_ours() -> dict:
+def run_ours(shared_prompt: bool | None = None) -> dict:
     import torch
 
     from msl_rec.decoding import ConstrainedBeamSearch
 
     model, catalog, batches = setup(OURS_USERS)
-    dec = ConstrainedBeamSearch(catalog, num_beams=NUM_BEAMS, mask="before", max_new_tokens=MAX_NEW)
+    dec = ConstrainedBeamSearch(catalog, num_beams=NUM_BEAMS, mask="before", max_new_tokens=MAX_NEW,
+                                shared_prompt=shared_prompt)
     with torch.no_grad():
         t0 = time.perf_counter()
         for b in batches:
             dec.rank(model, b)
         secs = time.perf_counter() - t0
-        after = ConstrainedBeamSearch(catalog, num_beams=NUM_BEAMS, mask="after", max_new_tokens=MAX_NEW)
+        after = ConstrainedBeamSearch(catalog, num_beams=NUM_BEAMS, mask="after", max_new_tokens=MAX_NEW,
+                                      shared_prompt=shared_prompt)
         cbs = [r for b in batches[: HF_USERS // BATCH] for r in after.rank(model, b)]
     return {"secs_per_user": secs / OURS_USERS, "users": OURS_USERS,
             "cbs_titles": [[s for s, _ in r] for r in cbs], "cbs_scores": [[sc for _, sc in r] for r in cbs]}
@@ -99,13 +105,15 @@ def run_hf() -> dict:
 
 
 def child(which: str) -> None:
-    res = run_ours() if which == "ours" else run_hf()
+    res = run_hf() if which == "hf" else run_ours(False if which == "ours-gather" else None)
+    res["threads"] = __import__("torch").get_num_threads()
     res["max_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     print("RESULT " + json.dumps(res), flush=True)
 
 
 def spawn(which: str) -> dict:
-    out = subprocess.run([sys.executable, "-m", "experiments.bench.decode", which], cwd=ROOT,
+    env = {**os.environ, "OMP_NUM_THREADS": str(THREADS), "BENCH_THREADS": str(THREADS)}
+    out = subprocess.run([sys.executable, "-m", "experiments.bench.decode", which], cwd=ROOT, env=env,
                          capture_output=True, text=True, check=True).stdout
     return json.loads(next(line for line in out.splitlines() if line.startswith("RESULT "))[7:])
 
@@ -116,7 +124,8 @@ def main() -> None:
     ours, hf = spawn("ours"), spawn("hf")
     same = ours["cbs_titles"] == hf["titles"] and all(
         abs(a - b) < 1e-3 for x, y in zip(ours["cbs_scores"], hf["scores"]) for a, b in zip(x, y))
-    print(f"SmolLM2-135M, Books, {NUM_BEAMS} beams, batches of {BATCH}, CPU")
+    print(f"SmolLM2-135M, Books, {NUM_BEAMS} beams, batches of {BATCH}, CPU, "
+          f"torch threads: ours {ours['threads']}, transformers {hf['threads']}")
     print(f"  ours cbs_masked : {ours['secs_per_user']:.2f} s/user ({ours['users']} users), "
           f"max RSS {ours['max_rss_mb']:.0f} MB")
     print(f"  transformers    : {hf['secs_per_user']:.2f} s/user ({hf['users']} users), "

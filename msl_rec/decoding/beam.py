@@ -29,10 +29,15 @@ Differences from ``generate`` that do not change real results: transformers pads
 ``-1e9``-scored dummy beams (and may return them when fewer than ``K`` titles finish); here a user
 just has fewer beams. Beams cut off by ``max_new_tokens`` are not returned (they are no title).
 
-Efficiency: the left-padded prompts are run once (``logits_to_keep=1``), then the KV cache rows
-are re-gathered per step with ``Cache.reorder_cache`` (rows can grow from ``B`` to ``B*K`` and
-shrink as users finish), and every step feeds one token per live beam. For ``mask="before"`` only
-the valid tokens' logits are gathered and normalised.
+Efficiency: the left-padded prompts are run once (``logits_to_keep=1``), and every step feeds one
+token per live beam (rows can grow from ``B`` to ``B*K`` and shrink as users finish). For
+LLaMA-family models (``shared_prompt=None``/``True``) the prompt KV is kept once per user and read in
+place by all of the user's beams through a custom attention function
+(:mod:`msl_rec.decoding.prefix_attention`); only the beams' generated KV (at most ``max_new_tokens``
+tokens) is re-gathered per step, and with ``mask="before"`` the output layer is evaluated for the
+valid tokens only. Otherwise (``shared_prompt=False`` or another architecture) the full KV cache
+rows are re-gathered per step with ``Cache.reorder_cache``. For ``mask="before"`` only the valid
+tokens' logits are normalised.
 """
 
 from __future__ import annotations
@@ -44,9 +49,11 @@ from collections.abc import Mapping, Sequence
 import numpy as np
 import torch
 
+from msl_rec.decoding import prefix_attention
 from msl_rec.decoding.base import Decoder, Ranking
 
 MASK_MODES = ("before", "after")
+SHARED_PROMPT_MODELS = ("llama",)  # attention = rotary + (GQA) softmax(q k^T * scaling) v, no sliding window
 EARLY_STOPPING = (False, True, "never")
 
 
@@ -75,13 +82,16 @@ class ConstrainedBeamSearch(Decoder):
         max_new_tokens: hard cap on response length (EOS included).
         early_stopping: transformers' ``early_stopping`` (False, True or "never").
         top_k: the cut-offs the decoder is evaluated at; each must be <= ``num_beams``.
+        shared_prompt: ``None`` (auto) reads each user's prompt KV in place from every beam through a
+            custom attention function (:mod:`msl_rec.decoding.prefix_attention`) for LLaMA-family
+            models, else re-gathers a full KV cache per step; ``True`` / ``False`` force either path.
     """
 
     needs_model = True
 
     def __init__(self, catalog, num_beams: int = 10, mask: str = "before", length_penalty: float = 1.0,
                  max_new_tokens: int = 64, early_stopping: bool | str = False,
-                 top_k: Sequence[int] = (1, 5, 10)):
+                 top_k: Sequence[int] = (1, 5, 10), shared_prompt: bool | None = None):
         if mask not in MASK_MODES:
             raise ValueError(f"decoder.mask must be one of {MASK_MODES}, got {mask!r}")
         if early_stopping not in EARLY_STOPPING:
@@ -97,6 +107,7 @@ class ConstrainedBeamSearch(Decoder):
         self.length_penalty = float(length_penalty)
         self.max_new_tokens = int(max_new_tokens)
         self.early_stopping = early_stopping
+        self.shared_prompt = shared_prompt
         self.eos_id = int(catalog.eos_id)
         self._ptr, self._child_tok, self._child_node = _trie_arrays(catalog)
         self._fanout = np.diff(self._ptr)
@@ -119,27 +130,84 @@ class ConstrainedBeamSearch(Decoder):
         """Log-probability of each candidate (row, token) under the chosen masking."""
         if self.mask == "after":
             return torch.log_softmax(logits, dim=-1)[rows, toks]
-        sel = logits[rows, toks]
+        if isinstance(logits, tuple):  # (hidden (n_rows, D), output weight (V, D)): candidates only
+            hidden, weight = logits
+            sel = (hidden.float()[rows] * weight[toks].float()).sum(-1)
+        else:
+            sel = logits[rows, toks]
         row_max = torch.full((n_rows,), -math.inf, dtype=sel.dtype, device=sel.device)
         row_max = row_max.scatter_reduce(0, rows, sel, reduce="amax")
         sums = torch.zeros(n_rows, dtype=sel.dtype, device=sel.device).index_add_(0, rows, torch.exp(sel - row_max[rows]))
         return sel - (row_max + torch.log(sums))[rows]
 
+    @staticmethod
+    def _attn_configs(model) -> list | None:
+        """The configs whose ``_attn_implementation`` the attention layers read, if the model is a
+        LLaMA-family one the shared-prompt attention supports (else ``None``)."""
+        base = model.get_base_model() if hasattr(model, "get_base_model") else model  # peft wrapper
+        cfg = getattr(base, "config", None)
+        if getattr(cfg, "model_type", None) not in SHARED_PROMPT_MODELS:
+            return None
+        attn = [m for m in base.modules() if type(m).__name__.endswith("Attention") and hasattr(m, "layer_idx")]
+        if not attn or len(attn) != cfg.num_hidden_layers:
+            return None
+        configs = {id(cfg): cfg}
+        for m in attn:
+            configs.setdefault(id(m.config), m.config)
+        return list(configs.values())
+
+    @staticmethod
+    def _plain_head(model):
+        """``(decoder, weight)`` when logits are exactly ``decoder(...).last_hidden_state @ weight.T``
+        (a LLaMA ``*ForCausalLM`` with a plain bias-free ``nn.Linear`` head), else ``None``."""
+        base = model.get_base_model() if hasattr(model, "get_base_model") else model
+        decoder, head = getattr(base, "model", None), getattr(base, "lm_head", None)
+        if type(head) is not torch.nn.Linear or head.bias is not None or decoder is None:
+            return None
+        if getattr(base.config, "final_logit_softcapping", None) or getattr(base.config, "logit_scale", None):
+            return None
+        return decoder, head.weight
+
     # ------------------------------------------------------------------ search
     @torch.no_grad()
     def rank(self, model, batch: Mapping[str, torch.Tensor]) -> list[Ranking]:
+        configs = self._attn_configs(model) if self.shared_prompt is not False else None
+        if self.shared_prompt and configs is None:
+            raise ValueError("decoder.shared_prompt=True needs a LLaMA-family model "
+                             f"({', '.join(SHARED_PROMPT_MODELS)})")
+        return self._rank(model, batch, configs)
+
+    def _rank(self, model, batch, attn_configs) -> list[Ranking]:
         device = next(model.parameters()).device
         ids = batch["prompt_input_ids"].to(device)
         attn = batch["prompt_attention_mask"].to(device).long()
-        n_users = ids.shape[0]
-        K, lp, eos = self.num_beams, self.length_penalty, self.eos_id
-
         out = self._forward(model, input_ids=ids, attention_mask=attn,
                             position_ids=(attn.cumsum(-1) - 1).clamp(min=0), use_cache=True)
         cache = out.past_key_values
         logits = out.logits[:, -1, :].float()
         del out
-        next_pos = attn.sum(-1)  # position id of the next token, per row
+        next_pos = attn.sum(-1)
+        state = None
+        if attn_configs is not None:  # prompt KV kept once per user; generated KV per beam row
+            state = prefix_attention.PrefixState([(layer.keys, layer.values) for layer in cache.layers], attn)
+            cache = None
+            prefix_attention.register()
+            saved = [c._attn_implementation for c in attn_configs]
+        try:
+            return self._search(model, logits, next_pos, attn, cache, state, attn_configs)
+        finally:
+            if state is not None:
+                for c, impl in zip(attn_configs, saved):
+                    c._attn_implementation = impl
+
+    def _search(self, model, logits, next_pos, attn, cache, state, attn_configs) -> list[Ranking]:
+        device = logits.device
+        n_users = logits.shape[0]
+        head = self._plain_head(model) if (state is not None and self.mask == "before") else None
+        K, lp, eos = self.num_beams, self.length_penalty, self.eos_id
+        if state is not None:
+            for c in attn_configs:
+                c._attn_implementation = prefix_attention.IMPL  # position id of the next token, per row
 
         users = np.arange(n_users)          # original user index of each live user
         row_user = np.arange(n_users)       # live-user index (0..len(users)-1) of each row
@@ -208,19 +276,32 @@ class ConstrainedBeamSearch(Decoder):
             sel_user, sel_col = np.nonzero(cont)  # row-major: grouped by user, best first
             sel = flat[sel_user, sel_col]
             new_live = np.cumsum(keep_user) - 1
+            if state is not None and not keep_user.all():
+                state.drop_users(torch.from_numpy(np.nonzero(keep_user)[0]).to(device))
             users, row_user = users[keep_user], new_live[sel_user]
             nodes = cand_node[sel]
             scores = torch.from_numpy(top_val[sel_user, sel_col]).to(device)
             src = torch.from_numpy(cand_row[sel]).to(device)
 
-            cache.reorder_cache(src)
-            attn = torch.cat([attn[src], attn.new_ones(len(sel), 1)], dim=1)
             pos = next_pos[src]
             next_pos = pos + 1
-            out = self._forward(model, input_ids=torch.from_numpy(cand_tok[sel]).to(device)[:, None],
-                                attention_mask=attn, position_ids=pos[:, None],
-                                past_key_values=cache, use_cache=True)
-            cache = out.past_key_values
+            step_ids = torch.from_numpy(cand_tok[sel]).to(device)[:, None]
+            if state is not None:
+                state.set_rows(torch.from_numpy(row_user).to(device), src, len(users))
+                if head is not None and int(self._fanout[nodes].sum()) * 4 < len(sel) * head[1].shape[0]:
+                    # only the valid tokens' logits are needed: skip the full-vocabulary output layer
+                    hidden = head[0](input_ids=step_ids, position_ids=pos[:, None], use_cache=False,
+                                     prefix_state=state).last_hidden_state[:, -1, :]
+                    logits = (hidden, head[1])
+                    continue
+                out = self._forward(model, input_ids=step_ids, position_ids=pos[:, None], use_cache=False,
+                                    prefix_state=state)
+            else:
+                cache.reorder_cache(src)
+                attn = torch.cat([attn[src], attn.new_ones(len(sel), 1)], dim=1)
+                out = self._forward(model, input_ids=step_ids, attention_mask=attn, position_ids=pos[:, None],
+                                    past_key_values=cache, use_cache=True)
+                cache = out.past_key_values
             logits = out.logits[:, -1, :].float()
             del out
 

@@ -1,0 +1,1 @@
+"""Config resolvers, the task wrapper, logging helpers, resume."""

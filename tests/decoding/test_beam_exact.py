@@ -101,3 +101,27 @@ def test_single_prompt_equals_batched(tiny_model, catalog, make_batch_fn):
         (alone,) = dec.rank(tiny_model, make_batch_fn([p]))
         assert [s for s, _ in alone] == [s for s, _ in b]
         assert [sc for _, sc in alone] == pytest.approx([sc for _, sc in b], abs=1e-4)
+
+
+@pytest.mark.parametrize("mask", ["after", "before"])
+@pytest.mark.parametrize("num_beams", [3, 10, 25])
+def test_shared_prompt_path_equals_full_cache_path_gqa(tokenizer, catalog, make_batch_fn, mask, num_beams):
+    """The shared-prompt attention (grouped KV heads, ragged beams per user, users dropping out) gives
+    the same rankings as re-gathering the full KV cache."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(1)
+    cfg = LlamaConfig(vocab_size=tokenizer.vocab_size, hidden_size=64, intermediate_size=64, num_hidden_layers=3,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                      tie_word_embeddings=False, pad_token_id=0, eos_token_id=1, bos_token_id=None)
+    model = LlamaForCausalLM(cfg).eval()
+    with torch.no_grad():
+        model.lm_head.weight.mul_(20.0)
+    batch = make_batch_fn(PROMPTS + ["x"])
+    impl = model.config._attn_implementation
+    fast = ConstrainedBeamSearch(catalog, num_beams=num_beams, mask=mask, top_k=[1], shared_prompt=True)
+    slow = ConstrainedBeamSearch(catalog, num_beams=num_beams, mask=mask, top_k=[1], shared_prompt=False)
+    for f, s in zip(fast.rank(model, batch), slow.rank(model, batch)):
+        assert [x for x, _ in f] == [x for x, _ in s]
+        assert [x for _, x in f] == pytest.approx([x for _, x in s], abs=1e-4)
+    assert model.config._attn_implementation == impl  # restored after decoding
