@@ -96,10 +96,18 @@ def evaluate_app(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
         model = module.model.to(device).eval()
         loader = ({k: v.to(device) if torch.is_tensor(v) else v for k, v in b.items()} for b in loader)
 
+    batches = list(loader)
     with torch.no_grad():
-        result = evaluate(decoder, model, loader, catalog, top_k=tuple(cfg.top_k), progress=True)
+        result = evaluate(decoder, model, batches, catalog, top_k=tuple(cfg.top_k), progress=True)
     out_dir = Path(cfg.paths.output_dir)
     result.save(out_dir)
+    if cfg.get("save_w") and model is not None:
+        # Fig. 5: w = 1 - P_valid(y) at every response position of the evaluated users
+        import numpy as np
+
+        w = torch.cat([module.valid_weights(b) for b in batches]).cpu().numpy()
+        np.save(out_dir / "w_values.npy", w)
+        log.info("w = 1 - P_valid: mean %.4f over %d response positions", float(w.mean()), len(w))
     metrics = {f"{split}/{k}": float(v) for k, v in result.metrics.items()}
 
     from msl_rec.utils.logging_utils import instantiate_loggers

@@ -27,6 +27,28 @@ def test_tiny_model_from_checkpoint(compose_train, compose_eval, tmp_path):
     ckpt = tmp_path / "tiny.ckpt"
     objects["trainer"].save_checkpoint(ckpt)
     out = tmp_path / "eval"
-    metrics, _ = evaluate_app(compose_eval(f"ckpt_path={ckpt}", "subset=2", out=out))
+    metrics, _ = evaluate_app(compose_eval(f"ckpt_path={ckpt}", "subset=2", "save_w=true", out=out))
     assert 0.0 <= metrics["valid/hr@10"] <= 1.0
     assert (out / "metrics.json").is_file() and (out / "predictions.jsonl").is_file()
+
+    # w = 1 - P_valid(y) per response position against a dense computation: full logits at every
+    # position, a dense (positions x vocabulary) boolean mask of each position's valid set
+    import numpy as np
+    import torch
+
+    w = np.load(out / "w_values.npy")
+    module, dm = objects["model"].eval(), objects["datamodule"]
+    batch = next(iter(dm.val_dataloader()))
+    n = min(2, batch["input_ids"].shape[0])
+    expected = []
+    with torch.no_grad():
+        probs = module(batch["input_ids"], batch["attention_mask"]).softmax(-1)
+    for b in range(n):
+        resp = (batch["labels"][b] != -100).nonzero().flatten()
+        for p, pos in enumerate(resp.tolist()):
+            mask = torch.zeros(probs.shape[-1], dtype=torch.bool)
+            ids = batch["valid_ids"][b, p]
+            mask[ids[ids >= 0]] = True
+            expected.append(1.0 - float(probs[b, pos - 1][mask].sum()))
+    assert len(w) == len(expected)
+    np.testing.assert_allclose(w, expected, atol=1e-5)

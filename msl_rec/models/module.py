@@ -227,7 +227,9 @@ class RecLitModule(L.LightningModule):
         S = input_ids.shape[0]
 
         valid_ids = None
-        if self.loss.needs_valid_ids and "valid_ids" in batch and S == batch["input_ids"].shape[0]:
+        # valid sets are cheap (a sparse id list per position), so every loss gets them when the
+        # batch has them: MSL needs them, LML uses them only to log w = 1 - P_valid (Fig. 5)
+        if "valid_ids" in batch and S == batch["input_ids"].shape[0]:
             v = batch["valid_ids"]
             rl = batch["response_len"].to(v.device)
             keep = torch.arange(v.shape[1], device=v.device)[None, :] < rl[:, None]
@@ -246,6 +248,17 @@ class RecLitModule(L.LightningModule):
 
         return ResponseBatch(hidden=hidden, labels=tgt, weight=weight, seq_index=seq_index, first=first,
                              num_sequences=S, valid_ids=valid_ids, ref_logps=ref_logps)
+
+    @torch.no_grad()
+    def valid_weights(self, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        """(N,) ``w = 1 - P_valid(y)`` at every response position of ``batch`` (Fig. 5), float32.
+
+        Full-vocabulary logits are formed for the response positions only.
+        """
+        from msl_rec.losses.functional import valid_probability
+
+        rb = self.response_batch({k: v for k, v in batch.items() if not k.startswith("neg_")})
+        return 1.0 - valid_probability(rb.hidden @ rb.weight.t(), rb.valid_ids)
 
     # ------------------------------------------------------------------ steps
     def training_step(self, batch: Mapping[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
