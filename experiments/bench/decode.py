@@ -72,7 +72,8 @@ def run_ours(shared_prompt: bool | None = None) -> dict:
         secs = time.perf_counter() - t0
         after = ConstrainedBeamSearch(catalog, num_beams=NUM_BEAMS, mask="after", max_new_tokens=MAX_NEW,
                                       shared_prompt=shared_prompt)
-        cbs = [r for b in batches[: HF_USERS // BATCH] for r in after.rank(model, b)]
+        # the transformers side runs the last HF_USERS users (setup takes the last rows of valid.csv)
+        cbs = [r for b in batches[len(batches) - HF_USERS // BATCH:] for r in after.rank(model, b)]
     return {"secs_per_user": secs / OURS_USERS, "users": OURS_USERS,
             "cbs_titles": [[s for s, _ in r] for r in cbs], "cbs_scores": [[sc for _, sc in r] for r in cbs]}
 
