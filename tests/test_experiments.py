@@ -86,3 +86,14 @@ def test_report_tables_and_plots(tmp_path):
     assert "## NDCG@10 against tau" in text
     for png in ("ndcg_vs_tau.png", "training_curves.png", "w_distribution.png"):
         assert (tmp_path / "out" / png).stat().st_size > 1000
+
+
+def test_optuna_tau_sweep_maximises_validation_ndcg(tmp_path, tiny_overrides, cli):
+    sweep = tmp_path / "optuna"
+    cli("msl_rec.train", "-m", "experiment=tau_optuna", *tiny_overrides, "debug=fdr",
+        "hydra.sweeper.n_trials=2", f"hydra.sweep.dir={sweep}")
+    result = yaml.safe_load((sweep / "optimization_results.yaml").read_text())
+    assert 1.0 <= result["best_params"]["loss.tau"] <= 5.0
+    assert 0.0 <= result["best_value"] <= 1.0
+    taus = [yaml.safe_load((sweep / str(j) / ".hydra" / "config.yaml").read_text())["loss"]["tau"] for j in (0, 1)]
+    assert taus[0] != taus[1] and result["best_params"]["loss.tau"] in taus
