@@ -56,10 +56,13 @@ def load_run(run: Path) -> dict:
     """
     cfg = yaml.safe_load((run / ".hydra" / "config.yaml").read_text())
     metrics = json.loads((run / "metrics.json").read_text())
-    source = run
+    source, label = run, None
     if cfg.get("run_dir"):
         source = Path(cfg["run_dir"])
         cfg = yaml.safe_load((source / ".hydra" / "config.yaml").read_text())
+    elif "split" in cfg and not cfg.get("ckpt_path"):  # an eval of no trained model
+        decoder = cfg.get("decoder", {}).get("name", "decoder")
+        label = decoder if decoder in ("popularity", "random") else f"zero-shot ({decoder})"
     steps = []
     for path in sorted(source.rglob("metrics.csv")):
         with open(path) as f:
@@ -71,9 +74,9 @@ def load_run(run: Path) -> dict:
         w = np.load(w_file)
     return {
         "dir": run,
-        "label": run_label(cfg),
-        "loss_name": str(cfg.get("loss", {}).get("_target_", "")).rsplit(".", 1)[-1],
-        "tau": cfg.get("loss", {}).get("tau"),
+        "label": label or run_label(cfg),
+        "loss_name": "" if label else str(cfg.get("loss", {}).get("_target_", "")).rsplit(".", 1)[-1],
+        "tau": None if label else cfg.get("loss", {}).get("tau"),
         "seed": cfg.get("seed"),
         "metrics": metrics,
         "steps": steps,
