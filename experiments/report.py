@@ -121,7 +121,7 @@ def tau_table(runs: list[dict]) -> str | None:
         if r["tau"] is not None and r["loss_name"] in ("LMLLoss", "MSLLoss"):
             by[r["loss_name"]][float(r["tau"])].append(r["metrics"].get("ndcg@10", math.nan))
     taus = sorted({t for d in by.values() for t in d})
-    if len(taus) < 2:
+    if not any(len(d) > 1 for d in by.values()):
         return None
     lines = ["| loss | " + " | ".join(f"tau={t:g}" for t in taus) + " |", "| --- |" + " --- |" * len(taus)]
     for loss, d in sorted(by.items()):
@@ -156,11 +156,14 @@ def plot_all(runs: list[dict], out: Path) -> list[str]:
         made.append("ndcg_vs_tau.png")
 
     # training loss and ATS tau over steps
-    curves = [r for r in runs if any("train/loss" in s and s["train/loss"] for s in r["steps"])]
+    def step_loss(s: dict) -> str | None:  # Lightning names the per-step value train/loss_step
+        return s.get("train/loss_step") or s.get("train/loss")
+
+    curves = [r for r in runs if any(step_loss(s) for s in r["steps"])]
     if curves:
         fig, (a1, a2) = plt.subplots(1, 2, figsize=(10, 3.5))
         for r in curves:
-            pts = [(int(s["step"]), float(s["train/loss"])) for s in r["steps"] if s.get("train/loss")]
+            pts = [(int(s["step"]), float(step_loss(s))) for s in r["steps"] if step_loss(s)]
             a1.plot(*zip(*pts), label=f"{r['label']} s{r['seed']}", lw=1)
             tau = [(int(s["step"]), float(s["train/tau"])) for s in r["steps"] if s.get("train/tau")]
             if tau:
