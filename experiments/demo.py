@@ -30,13 +30,14 @@ def main() -> None:
     t0 = time.time()
     train_dir = run("msl-rec-train", ["experiment=demo", *sys.argv[1:]])
     trained = json.loads((train_dir / "metrics.json").read_text())
-    pop_dir = run("msl-rec-eval", ["experiment=demo", "decoder=popularity"])
+    # the same validation users; popularity counts the whole training file, not the demo's slice
+    pop_dir = run("msl-rec-eval", ["experiment=demo", "decoder=popularity", "data.train_subset=null"])
     popular = json.loads((pop_dir / "metrics.json").read_text())
 
     print("\n" + " " * 22 + "".join(f"{k:>9}" for k in KEYS))
     for name, m in (("MSL+ATS (SmolLM2)", trained), ("popularity", popular)):
         print(f"{name:<22}" + "".join(f"{m[k]:9.4f}" for k in KEYS))
-    print(f"\nrun folder: {train_dir}\npredictions: {train_dir / 'predictions.jsonl'}"
+    print(f"\nrun folder: {train_dir}\nmetrics: {train_dir / 'metrics.json'}"
           f"\nreport: python -m experiments.report {train_dir}\nwall time: {time.time() - t0:.0f} s")
 
 

@@ -72,8 +72,9 @@ def evaluate_app(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
     split = cfg.split
     if split not in ("valid", "test"):
         raise ValueError(f"split: {split!r} (valid, test)")
-    with open_dict(cfg):
-        cfg.data[f"{split}_subset"] = cfg.get("subset")
+    if cfg.get("subset") is not None:  # `subset=N` wins over a preset's data.<split>_subset
+        with open_dict(cfg):
+            cfg.data[f"{split}_subset"] = cfg.subset
     _, catalog, dm = build_data(cfg)
     dm.setup("fit" if split == "valid" else "test")
     if split == "valid":
