@@ -5,20 +5,25 @@
     msl-rec-eval                                     # the zero-shot backbone
     msl-rec-eval decoder=popularity subset=100       # no model is loaded for popularity/random
     msl-rec-eval split=test dataset.test_file=...    # the held-back split
+    msl-rec-eval shard=0/2 hydra.run.dir=outputs/ev/0   # half of the split (run 1/2 elsewhere), then
+    msl-rec-eval merge=[outputs/ev/0,outputs/ev/1]   # metrics over both halves' predictions
 
 Outputs go to the run folder (``hydra.run.dir=`` moves it); a one-line table is printed.
+Predictions are appended to ``predictions.jsonl`` batch by batch: the same command with the same
+``hydra.run.dir=`` resumes after the last written batch (``resume=false`` starts over).
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
-import sys
 from pathlib import Path
 from typing import Any
 
 import hydra
 import lightning as L
+import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf, open_dict
 
@@ -55,6 +60,64 @@ def apply_run_dir(cfg: DictConfig) -> DictConfig:
     return cfg
 
 
+def shard_range(n_rows: int, shard: str | None) -> range:
+    """Rows of shard ``"i/n"``: the i-th (0-based) of n contiguous, near-equal slices of ``n_rows``."""
+    if shard is None:
+        return range(n_rows)
+    try:
+        i, n = (int(x) for x in str(shard).split("/"))
+    except ValueError:
+        raise ValueError(f"shard={shard!r}: expected 'i/n' with integers, e.g. shard=0/2") from None
+    if not (n >= 1 and 0 <= i < n):
+        raise ValueError(f"shard={shard!r}: need 0 <= i < n")
+    return range(i * n_rows // n, (i + 1) * n_rows // n)
+
+
+def eval_key(cfg: DictConfig, rows: range) -> dict[str, Any]:
+    """What decides an evaluation's predictions; a resumed run must have the same key."""
+    split_file = cfg.dataset.get(f"{cfg.split}_file")
+    return {"split": cfg.split, "file": str(split_file), "rows": [rows.start, rows.stop],
+            "ckpt_path": cfg.get("ckpt_path"), "backbone": cfg.backbone.get("name"),
+            "decoder": OmegaConf.to_container(cfg.decoder, resolve=True),
+            "item_file": hashlib.sha1(Path(cfg.dataset.item_file).read_bytes()).hexdigest()}
+
+
+def resume_predictions(out_dir: Path, key: dict[str, Any], resume: bool) -> list[dict]:
+    """Prediction rows already written to ``out_dir`` by the same evaluation (``[]`` to start over)."""
+    from msl_rec.decoding import load_predictions
+
+    pred_file, key_file = out_dir / "predictions.jsonl", out_dir / "eval_key.json"
+    done: list[dict] = []
+    if resume and pred_file.is_file():
+        saved = json.loads(key_file.read_text()) if key_file.is_file() else None
+        if saved != key:
+            raise ValueError(f"{pred_file} was written by a different evaluation ({key_file} differs or is "
+                             "missing); use another hydra.run.dir= or resume=false to overwrite it")
+        done = load_predictions(pred_file)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    key_file.write_text(json.dumps(key, indent=1) + "\n")
+    with open(pred_file, "w", encoding="utf-8") as f:  # rewritten without a torn last line, if any
+        f.writelines(json.dumps(p) + "\n" for p in done)
+    return done
+
+
+def merge_app(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
+    """``merge=[dir, ...]``: one predictions.jsonl and metrics.json over several evaluations."""
+    from msl_rec.decoding import merge_predictions
+
+    folders = [Path(f) for f in cfg.merge]
+    for f in folders:
+        if not (f / "predictions.jsonl").is_file():
+            raise FileNotFoundError(f"merge: {f / 'predictions.jsonl'} does not exist")
+    result = merge_predictions(folders, top_k=tuple(cfg.top_k))
+    out_dir = Path(cfg.paths.output_dir)
+    result.save(out_dir)
+    line = f"merged {len(folders)} {cfg.split} n={len(result.predictions)}  " + format_table(result.metrics)
+    print(line)
+    (out_dir / "summary.txt").write_text(line + "\n")
+    return {f"{cfg.split}/{k}": float(v) for k, v in result.metrics.items()}, {"result": result}
+
+
 def format_table(metrics: dict[str, float]) -> str:
     keys = sorted(metrics, key=lambda k: (k.split("@")[0], int(k.split("@")[1]) if "@" in k else 0))
     return "  ".join(f"{k} {metrics[k]:.4f}" for k in keys)
@@ -63,9 +126,12 @@ def format_table(metrics: dict[str, float]) -> str:
 @task_wrapper
 def evaluate_app(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
     from msl_rec.decoding import build_decoder, evaluate
+    from msl_rec.metrics import compute_metrics
     from msl_rec.models.module import RecLitModule
     from msl_rec.train import build_data
 
+    if cfg.get("merge"):
+        return merge_app(cfg)
     if cfg.get("run_dir"):
         cfg = apply_run_dir(cfg)
     L.seed_everything(int(cfg.seed), workers=True)
@@ -79,11 +145,15 @@ def evaluate_app(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
     dm.setup("fit" if split == "valid" else "test")
     if split == "valid":
         dm.setup("validate")
-    loader = dm.val_dataloader() if split == "valid" else dm.test_dataloader()
+    rows = shard_range(len(dm.eval_dataloader(split).dataset), cfg.get("shard"))
+    out_dir = Path(cfg.paths.output_dir)
+    done = resume_predictions(out_dir, eval_key(cfg, rows), bool(cfg.get("resume", True)))
+    if done:
+        log.info("resuming: %d of %d users already in %s", len(done), len(rows), out_dir / "predictions.jsonl")
     decoder = build_decoder(OmegaConf.to_container(cfg.decoder, resolve=True), catalog,
                             train_targets=dm.train_targets or None)
 
-    model = None
+    model, device = None, "cpu"
     if getattr(decoder, "needs_model", True):
         if cfg.get("ckpt_path"):
             module = RecLitModule.load_from_checkpoint(cfg.ckpt_path, map_location="cpu")
@@ -95,18 +165,27 @@ def evaluate_app(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
             log.info("zero-shot backbone %s", cfg.backbone.name)
         device = "cuda" if torch.cuda.is_available() and cfg.get("device", "auto") != "cpu" else "cpu"
         model = module.model.to(device).eval()
-        loader = ({k: v.to(device) if torch.is_tensor(v) else v for k, v in b.items()} for b in loader)
 
-    batches = list(loader)
-    with torch.no_grad():
-        result = evaluate(decoder, model, batches, catalog, top_k=tuple(cfg.top_k), progress=True)
-    out_dir = Path(cfg.paths.output_dir)
-    result.save(out_dir)
+    def batches(row_range: range):
+        for b in dm.eval_dataloader(split, row_range):
+            yield {k: v.to(device) if torch.is_tensor(v) else v for k, v in b.items()}
+
+    todo = range(rows.start + len(done), rows.stop)
+    with open(out_dir / "predictions.jsonl", "a", encoding="utf-8") as f:
+        def append(new_rows: list[dict]) -> None:
+            f.writelines(json.dumps(p) + "\n" for p in new_rows)
+            f.flush()
+
+        result = evaluate(decoder, model, batches(todo), catalog, top_k=tuple(cfg.top_k), progress=True,
+                          on_batch=append, total=-(-len(todo) // dm.eval_batch_size))
+    result.predictions = done + result.predictions
+    result.ranks = np.asarray([p["rank"] for p in result.predictions], dtype=np.int64)
+    result.metrics = compute_metrics(result.ranks, tuple(cfg.top_k))
+    (out_dir / "metrics.json").write_text(json.dumps(result.metrics, indent=2) + "\n", encoding="utf-8")
     if cfg.get("save_w") and model is not None:
         # Fig. 5: w = 1 - P_valid(y) at every response position of the evaluated users
-        import numpy as np
-
-        w = torch.cat([module.valid_weights(b) for b in batches]).cpu().numpy()
+        with torch.no_grad():
+            w = torch.cat([module.valid_weights(b) for b in batches(rows)]).cpu().numpy()
         np.save(out_dir / "w_values.npy", w)
         log.info("w = 1 - P_valid: mean %.4f over %d response positions", float(w.mean()), len(w))
     metrics = {f"{split}/{k}": float(v) for k, v in result.metrics.items()}

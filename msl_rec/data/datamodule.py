@@ -32,7 +32,7 @@ from dataclasses import dataclass
 import lightning as L
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset, Sampler
+from torch.utils.data import DataLoader, Dataset, Sampler, Subset
 
 from msl_rec.data.catalog import ItemCatalog
 from msl_rec.data.io import Sample, read_samples
@@ -271,12 +271,18 @@ class RecDataModule(L.LightningDataModule):
         if self._train_sampler is not None:
             self._train_sampler.epoch = int(epoch)
 
-    def _loader(self, split: str, batch_size: int, sampler=None) -> DataLoader:
+    def _loader(self, split: str, batch_size: int, sampler=None, rows: Sequence[int] | None = None) -> DataLoader:
         ds = self._load(split)
         if ds is None:
             raise ValueError(f"dataset.{split}_file is null; no {split} dataloader")
+        if rows is not None:
+            ds = Subset(ds, rows)
         return DataLoader(ds, batch_size=batch_size, sampler=sampler, collate_fn=self.collator,
                           num_workers=self.num_workers)
+
+    def eval_dataloader(self, split: str, rows: Sequence[int] | None = None) -> DataLoader:
+        """``valid``/``test`` batches of ``eval_batch_size`` in file order, only ``rows`` if given."""
+        return self._loader(split, self.eval_batch_size, rows=rows)
 
     def train_dataloader(self) -> DataLoader:
         ds = self._load("train")

@@ -11,10 +11,16 @@ from collections.abc import Iterable, Mapping
 from msl_rec.decoding.base import Decoder, Ranking
 from msl_rec.decoding.baselines import PopularityRanker, RandomRanker
 from msl_rec.decoding.beam import ConstrainedBeamSearch
-from msl_rec.decoding.evaluate import EvalResult, evaluate, save_eval_result
+from msl_rec.decoding.evaluate import (
+    EvalResult,
+    evaluate,
+    load_predictions,
+    merge_predictions,
+    save_eval_result,
+)
 
 __all__ = ["ConstrainedBeamSearch", "Decoder", "EvalResult", "PopularityRanker", "RandomRanker", "Ranking",
-           "build_decoder", "evaluate", "save_eval_result"]
+           "build_decoder", "evaluate", "load_predictions", "merge_predictions", "save_eval_result"]
 
 # config name -> (class, fixed settings)
 _REGISTRY = {

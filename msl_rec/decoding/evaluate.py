@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import json
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -45,19 +45,49 @@ def save_eval_result(result: EvalResult, folder: str | Path) -> Path:
     return folder
 
 
+def load_predictions(path: str | Path) -> list[dict]:
+    """The rows of a ``predictions.jsonl``; a torn last line (an interrupted write) is dropped."""
+    path = Path(path)
+    rows = []
+    lines = path.read_text(encoding="utf-8").splitlines()
+    for i, line in enumerate(lines):
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            if i == len(lines) - 1:
+                break
+            raise ValueError(f"{path}: line {i + 1} is not JSON: {line[:80]!r}") from None
+        if "rank" not in row:
+            raise ValueError(f"{path}: line {i + 1} has no 'rank' field")
+        rows.append(row)
+    return rows
+
+
+def merge_predictions(folders: Sequence[str | Path], top_k: Sequence[int] = (1, 5, 10)) -> EvalResult:
+    """One result from the ``predictions.jsonl`` of several evaluations (e.g. the shards of a split).
+
+    Metrics are means over users, so they are recomputed from the concatenated ranks, not averaged.
+    """
+    predictions = [row for f in folders for row in load_predictions(Path(f) / "predictions.jsonl")]
+    ranks = np.asarray([row["rank"] for row in predictions], dtype=np.int64)
+    return EvalResult(metrics=compute_metrics(ranks, top_k), predictions=predictions, ranks=ranks)
+
+
 def evaluate(decoder: Decoder, model, batches: Iterable[dict], catalog, top_k: Sequence[int] = (1, 5, 10),
-             progress: bool = False) -> EvalResult:
+             progress: bool = False, on_batch: Callable[[list[dict]], None] | None = None,
+             total: int | None = None) -> EvalResult:
     """Rank every batch's users with ``decoder`` and compute the metrics at ``top_k``.
 
     The model (if the decoder needs one) runs in eval mode under ``torch.no_grad``; its previous
-    training mode is restored afterwards.
+    training mode is restored afterwards. ``on_batch`` gets each batch's prediction rows as soon as
+    they exist (the eval app appends them to ``predictions.jsonl``, so a stopped run can resume).
     """
     if decoder.needs_model and model is None:
         raise ValueError(f"{type(decoder).__name__} needs a model, got None")
     if progress:
         from tqdm.auto import tqdm
 
-        batches = tqdm(batches, desc="evaluate", unit="batch")
+        batches = tqdm(batches, desc="evaluate", unit="batch", total=total)
     was_training = bool(getattr(model, "training", False))
     if model is not None:
         model.eval()
@@ -66,12 +96,16 @@ def evaluate(decoder: Decoder, model, batches: Iterable[dict], catalog, top_k: S
         with torch.no_grad() if model is not None else contextlib.nullcontext():
             for batch in batches:
                 rankings = decoder.rank(model, batch)
+                rows = []
                 for user, target, ranking in zip(batch["user_ids"].tolist(), batch["target_ids"].tolist(), rankings):
                     ranked_ids = [list(catalog.seq_items[s]) for s, _ in ranking]
                     r = rank_of_target(target, ranked_ids)
                     ranks.append(r)
-                    predictions.append({"user_id": int(user), "target_id": int(target), "rank": r,
-                                        "ranked_ids": ranked_ids, "scores": [float(sc) for _, sc in ranking]})
+                    rows.append({"user_id": int(user), "target_id": int(target), "rank": r,
+                                 "ranked_ids": ranked_ids, "scores": [float(sc) for _, sc in ranking]})
+                predictions.extend(rows)
+                if on_batch is not None:
+                    on_batch(rows)
     finally:
         if model is not None and was_training:
             model.train()
