@@ -5,7 +5,7 @@ PY := .venv/bin/python
 STAMP := .venv/.installed
 
 .DEFAULT_GOAL := help
-.PHONY: help install test test-full bench demo report clean
+.PHONY: help install test test-full lint bench demo report clean
 
 help: ## show this help
 	@grep -E '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  make %-10s %s\n", $$1, $$2}'
@@ -26,6 +26,9 @@ test: install ## fast suite (tiny random LLaMA; no network), < 10 min on 2 cores
 
 test-full: install ## everything, including the slow real-model tests (SmolLM2, LLaMA-3 tokenizer)
 	WANDB_MODE=offline $(PY) -m pytest -q
+
+lint: install ## ruff over the package, experiments and tests
+	$(PY) -m ruff check msl_rec experiments tests
 
 bench: install ## trie, loss, decoding and training benchmarks; prints ratios measured in one run
 	$(PY) -m experiments.bench

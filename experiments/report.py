@@ -204,8 +204,8 @@ def write_report(roots: list[Path], out: Path) -> Path:
     out.mkdir(parents=True, exist_ok=True)
     plots = plot_all(runs, out)
     parts = ["# Results", "", f"{len(runs)} runs from {', '.join(str(r) for r in roots)}.", "",
-             "Validation metrics of each run's checkpoint with the best NDCG@5 (in parentheses: "
-             "relative change against LML).", "", results_table(runs), ""]
+             ("Validation metrics of each run's checkpoint with the best NDCG@5 (in parentheses: "
+              "relative change against LML)."), "", results_table(runs), ""]
     tt = tau_table(runs)
     if tt:
         parts += ["## NDCG@10 against tau", "", tt, ""]

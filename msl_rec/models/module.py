@@ -328,7 +328,7 @@ class RecLitModule(L.LightningModule):
         if schedule == "linear":
             try:
                 total = int(self.trainer.estimated_stepping_batches)
-            except Exception:  # no trainer (plain use) or an infinite loader
+            except (RuntimeError, OverflowError):  # no trainer attached (plain use), or an infinite loader
                 total = None
 
         def factor(step: int) -> float:

@@ -24,7 +24,7 @@ def is_multirun() -> bool:
         from hydra.types import RunMode
 
         return HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
-    except Exception:
+    except (ImportError, ValueError):  # no hydra, or no HydraConfig set (a plain call)
         return False
 
 
