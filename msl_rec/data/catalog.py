@@ -16,6 +16,7 @@ hit for any of them.
 
 from __future__ import annotations
 
+import itertools
 import json
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -33,6 +34,13 @@ _SURROGATE_START = 0xD800
 def _encode(tokens: Sequence[int]) -> str:
     """Pack token ids into a string, one code point per token, skipping the surrogate block."""
     return "".join(chr(t + 1 if t + 1 < _SURROGATE_START else t + 1 + 0x800) for t in tokens)
+
+
+def _encode_flat(tokens: np.ndarray) -> str:
+    """:func:`_encode` of a whole int array at once (via UTF-32), for slicing into keys."""
+    codes = tokens.astype(np.uint32) + 1
+    codes[codes >= _SURROGATE_START] += 0x800
+    return codes.astype("<u4").tobytes().decode("utf-32-le")
 
 
 def load_titles(item_file: str | Path, allow_empty_titles: bool = False) -> dict[int, str]:
@@ -109,27 +117,49 @@ class ItemCatalog:
 
     # ------------------------------------------------------------------ construction
     def _build_trie(self) -> None:
-        keys = [_encode(s) for s in self.sequences]
-        prefixes = {k[:p] for k in keys for p in range(1, len(k) + 1)}
-        self._trie = marisa_trie.Trie(prefixes)
+        """Node ids from marisa, structure from numpy: no Python loop over the trie's nodes.
+
+        ``self.sequences`` is sorted, so sequence ``s`` shares its first ``lcp[s]`` tokens with
+        sequence ``s - 1`` and creates the nodes for its longer prefixes; a shared prefix's node is
+        the one the latest creating sequence above it made (a forward fill down each column).
+        """
+        seqs = self.sequences
+        n = len(seqs)
+        lengths = np.fromiter(map(len, seqs), dtype=np.int64, count=n)
+        width = int(lengths.max())
+        starts = np.cumsum(lengths) - lengths
+        rows = np.repeat(np.arange(n), lengths)
+        cols = np.arange(int(lengths.sum())) - np.repeat(starts, lengths)
+        tok = np.full((n, width), -1, dtype=np.int64)
+        flat = np.fromiter(itertools.chain.from_iterable(seqs), dtype=np.int64, count=len(rows))
+        tok[rows, cols] = flat
+        lcp = np.zeros(n, dtype=np.int64)
+        if n > 1:  # distinct, EOS-terminated sequences always differ before the shorter one ends
+            lcp[1:] = (tok[1:] != tok[:-1]).argmax(axis=1)
+        col = np.arange(width)
+        created = (col >= lcp[:, None]) & (col < lengths[:, None])
+
+        packed = _encode_flat(flat)
+        new_keys = [packed[a : a + p] for a, lo, hi in zip(starts.tolist(), (lcp + 1).tolist(), (lengths + 1).tolist())
+                    for p in range(lo, hi)]
+        self._trie = marisa_trie.Trie(new_keys)
         # marisa ids are 0..n-1; node 0 is the root (empty prefix), node i+1 is marisa id i.
         n_nodes = len(self._trie) + 1
-        parent = np.empty(len(prefixes), dtype=np.int64)
-        token = np.empty(len(prefixes), dtype=np.int64)
-        child = np.empty(len(prefixes), dtype=np.int64)
-        for j, (key, kid) in enumerate(self._trie.iteritems()):
-            parent[j] = self._trie[key[:-1]] + 1 if len(key) > 1 else 0
-            cp = ord(key[-1])
-            token[j] = (cp - 0x800 if cp > _SURROGATE_START + 0x800 - 1 else cp) - 1
-            child[j] = kid + 1
+        node = np.zeros((n, width), dtype=np.int64)  # node[s, p]: node of sequence s's first p+1 tokens
+        node[created] = np.fromiter(map(self._trie.key_id, new_keys), dtype=np.int64, count=len(new_keys)) + 1
+        latest = np.maximum.accumulate(np.where(created, np.arange(n)[:, None], 0), axis=0)
+        node = node[latest, col]
+        before = np.concatenate([np.zeros((n, 1), dtype=np.int64), node[:, :-1]], axis=1)  # node before p
+
+        parent, token, child = before[created], tok[created], node[created]
         order = np.lexsort((token, parent))
         self._child_tok = token[order]
         self._child_node = child[order]
         self._ptr = np.zeros(n_nodes + 1, dtype=np.int64)
         np.cumsum(np.bincount(parent, minlength=n_nodes), out=self._ptr[1:])
         # terminal node (after EOS) -> sequence index, and each sequence's path of nodes
-        self._terminal = {self._trie[k] + 1: s for s, k in enumerate(keys)}
-        self._paths = [np.array([0] + [self._trie[k[:p]] + 1 for p in range(1, len(k))]) for k in keys]
+        self._terminal = dict(zip(node[np.arange(n), lengths - 1].tolist(), range(n)))
+        self._paths = [before[s, :length].copy() for s, length in enumerate(lengths.tolist())]
         self._fanout = np.diff(self._ptr)
 
     # ------------------------------------------------------------------ trie queries

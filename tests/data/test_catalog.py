@@ -59,3 +59,40 @@ def test_unknown_item_is_a_data_error():
     catalog = ItemCatalog(TITLES, CharTokenizer())
     with pytest.raises(DataError, match="item id 99"):
         catalog.response_ids(99)
+
+
+class _Replay:
+    """A tokenizer that returns fixed token lists (title ``str(i)`` -> ``seqs[i]``)."""
+
+    eos_token_id = 7
+
+    def __init__(self, seqs):
+        self.seqs = seqs
+
+    def __call__(self, texts, add_special_tokens=False):
+        return {"input_ids": [self.seqs[int(t)] for t in texts]}
+
+
+def test_random_catalog_matches_brute_force_trie():
+    """300 random titles over a few token ids (deep sharing, duplicates), some beside the UTF-16
+    surrogate block the trie keys skip and some at LLaMA-3's top ids."""
+    import random
+
+    rng = random.Random(0)
+    alphabet = [3, 4, 5, 0xD7FE, 0xD7FF, 0xD800, 0xDFFF, 0xE000, 128255]
+    seqs = {i: [rng.choice(alphabet) for _ in range(rng.randint(1, 9))] for i in range(300)}
+    catalog = ItemCatalog({i: str(i) for i in seqs}, _Replay(seqs), response_format="{title}")
+    full = {i: s + [7] for i, s in seqs.items()}
+    root = brute_force_trie(full.values())
+    prefixes = {tuple(s[:p]) for s in full.values() for p in range(1, len(s) + 1)}
+    assert catalog.num_nodes == len(prefixes) + 1
+    for item, seq in full.items():
+        assert catalog.response_ids(item) == seq
+        assert [v.tolist() for v in catalog.valid_ids(item)] == brute_force_valid(root, seq)
+        assert item in catalog.items_for(seq)
+    assert sorted(i for s in catalog.seq_items for i in s) == sorted(seqs)
+    for prefix in prefixes:
+        node = root
+        for tok in prefix:
+            node = node[tok]
+        assert catalog.allowed(list(prefix)) == sorted(node)
