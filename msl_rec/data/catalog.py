@@ -130,7 +130,8 @@ class ItemCatalog:
         starts = np.cumsum(lengths) - lengths
         rows = np.repeat(np.arange(n), lengths)
         cols = np.arange(int(lengths.sum())) - np.repeat(starts, lengths)
-        tok = np.full((n, width), -1, dtype=np.int64)
+        # the (sequences x width) work arrays are int32 (ids < 2**31); the kept arrays are int64
+        tok = np.full((n, width), -1, dtype=np.int32)
         flat = np.fromiter(itertools.chain.from_iterable(seqs), dtype=np.int64, count=len(rows))
         tok[rows, cols] = flat
         lcp = np.zeros(n, dtype=np.int64)
@@ -145,13 +146,13 @@ class ItemCatalog:
         self._trie = marisa_trie.Trie(new_keys)
         # marisa ids are 0..n-1; node 0 is the root (empty prefix), node i+1 is marisa id i.
         n_nodes = len(self._trie) + 1
-        node = np.zeros((n, width), dtype=np.int64)  # node[s, p]: node of sequence s's first p+1 tokens
+        node = np.zeros((n, width), dtype=np.int32)  # node[s, p]: node of sequence s's first p+1 tokens
         node[created] = np.fromiter(map(self._trie.key_id, new_keys), dtype=np.int64, count=len(new_keys)) + 1
-        latest = np.maximum.accumulate(np.where(created, np.arange(n)[:, None], 0), axis=0)
+        latest = np.maximum.accumulate(np.where(created, np.arange(n, dtype=np.int32)[:, None], 0), axis=0)
         node = node[latest, col]
-        before = np.concatenate([np.zeros((n, 1), dtype=np.int64), node[:, :-1]], axis=1)  # node before p
+        before = np.concatenate([np.zeros((n, 1), dtype=np.int32), node[:, :-1]], axis=1)  # node before p
 
-        parent, token, child = before[created], tok[created], node[created]
+        parent, token, child = (a[created].astype(np.int64) for a in (before, tok, node))
         order = np.lexsort((token, parent))
         self._child_tok = token[order]
         self._child_node = child[order]
@@ -159,7 +160,7 @@ class ItemCatalog:
         np.cumsum(np.bincount(parent, minlength=n_nodes), out=self._ptr[1:])
         # terminal node (after EOS) -> sequence index, and each sequence's path of nodes
         self._terminal = dict(zip(node[np.arange(n), lengths - 1].tolist(), range(n)))
-        self._paths = [before[s, :length].copy() for s, length in enumerate(lengths.tolist())]
+        self._paths = [before[s, :length].astype(np.int64) for s, length in enumerate(lengths.tolist())]
         self._fanout = np.diff(self._ptr)
 
     # ------------------------------------------------------------------ trie queries
