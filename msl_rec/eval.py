@@ -75,11 +75,13 @@ def shard_range(n_rows: int, shard: str | None) -> range:
 
 def eval_key(cfg: DictConfig, rows: range) -> dict[str, Any]:
     """What decides an evaluation's predictions; a resumed run must have the same key."""
+    def sha1(path) -> str:
+        return hashlib.sha1(Path(path).read_bytes()).hexdigest()
+
     split_file = cfg.dataset.get(f"{cfg.split}_file")
-    return {"split": cfg.split, "file": str(split_file), "rows": [rows.start, rows.stop],
+    return {"split": cfg.split, "file": str(split_file), "file_sha1": sha1(split_file), "rows": [rows.start, rows.stop],
             "ckpt_path": cfg.get("ckpt_path"), "backbone": cfg.backbone.get("name"),
-            "decoder": OmegaConf.to_container(cfg.decoder, resolve=True),
-            "item_file": hashlib.sha1(Path(cfg.dataset.item_file).read_bytes()).hexdigest()}
+            "decoder": OmegaConf.to_container(cfg.decoder, resolve=True), "item_file_sha1": sha1(cfg.dataset.item_file)}
 
 
 def resume_predictions(out_dir: Path, key: dict[str, Any], resume: bool) -> list[dict]:
