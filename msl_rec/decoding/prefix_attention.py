@@ -69,6 +69,18 @@ class PrefixState:
             src = None  # identity: nothing to reorder
         self.src = src
 
+    def to_users(self, x: torch.Tensor, n_users: int) -> torch.Tensor:
+        """Rows ``(R, ...)`` -> ``(U, kmax, ...)`` by (user, slot), zeros in the unused slots."""
+        if self.dense:
+            return x.reshape(n_users, self.kmax, *x.shape[1:])
+        out = x.new_zeros(n_users, self.kmax, *x.shape[1:])
+        out[self.row_user, self.row_slot] = x
+        return out
+
+    def to_rows(self, y: torch.Tensor) -> torch.Tensor:
+        """``(U, kmax, ...)`` -> rows ``(R, ...)``: the inverse of :meth:`to_users`."""
+        return y.reshape(-1, *y.shape[2:]) if self.dense else y[self.row_user, self.row_slot]
+
 
 def prefix_attention_forward(module, query, key, value, attention_mask, scaling=None, dropout=0.0,
                              prefix_state: PrefixState | None = None, **kwargs):
@@ -100,29 +112,19 @@ def prefix_attention_forward(module, query, key, value, attention_mask, scaling=
     q = query.reshape(R, Hkv, G, d)  # q_len == 1
     # prompt part on the (U, Kmax) layout: (U, Hkv, Kmax*G, d) @ (U, Hkv, d, Tp)
     K = st.kmax
-    if st.dense:
-        q_pad = q.reshape(U, K, Hkv, G, d)
-    else:
-        q_pad = q.new_zeros(U, K, Hkv, G, d)
-        q_pad[st.row_user, st.row_slot] = q
-    q_pad = q_pad.permute(0, 2, 1, 3, 4).reshape(U, Hkv, K * G, d)
+    q_pad = st.to_users(q, U).permute(0, 2, 1, 3, 4).reshape(U, Hkv, K * G, d)
     s_p = torch.matmul(q_pad, pk.transpose(-1, -2)) * scaling  # (U, Hkv, K*G, Tp)
     s_p = s_p + st.prompt_bias[:, None, None, :]
     s_p = s_p.reshape(U, Hkv, K, G, Tp).permute(0, 2, 1, 3, 4)  # (U, K, Hkv, G, Tp)
-    s_p = s_p.reshape(R, Hkv, G, Tp) if st.dense else s_p[st.row_user, st.row_slot]
+    s_p = st.to_rows(s_p)
     # generated part: (R, Hkv, G, d) @ (R, Hkv, d, t)
     s_g = torch.matmul(q, gk.transpose(-1, -2)) * scaling  # (R, Hkv, G, t)
 
     probs = torch.softmax(torch.cat([s_p, s_g], dim=-1), dim=-1)
     p_p, p_g = probs[..., :Tp], probs[..., Tp:]
     out = torch.matmul(p_g, gv)  # (R, Hkv, G, d)
-    if st.dense:
-        p_pad = p_p.reshape(U, K, Hkv, G, Tp)
-    else:
-        p_pad = p_p.new_zeros(U, K, Hkv, G, Tp)
-        p_pad[st.row_user, st.row_slot] = p_p
-    p_pad = p_pad.permute(0, 2, 1, 3, 4).reshape(U, Hkv, K * G, Tp)
+    p_pad = st.to_users(p_p, U).permute(0, 2, 1, 3, 4).reshape(U, Hkv, K * G, Tp)
     o_p = torch.matmul(p_pad, pv).reshape(U, Hkv, K, G, d).permute(0, 2, 1, 3, 4)  # (U, K, Hkv, G, d)
-    o_p = o_p.reshape(R, Hkv, G, d) if st.dense else o_p[st.row_user, st.row_slot]
+    o_p = st.to_rows(o_p)
     out = out + o_p
     return out.reshape(R, 1, H, d), None
