@@ -40,3 +40,9 @@ class RecLoss(nn.Module):
     def forward(self, batch: ResponseBatch) -> tuple[torch.Tensor, dict[str, float]]:
         """Return the scalar loss and a dict of floats to log (e.g. ``tau``, ``w_mean``)."""
         raise NotImplementedError
+
+    def on_optimizer_step(self) -> dict[str, float]:
+        """Called once per optimizer step (after every micro-batch of the step has run forward and
+        backward, before the parameters change). A loss that keeps per-step state (ATS) updates it
+        here; returns floats to log. Default: nothing."""
+        return {}

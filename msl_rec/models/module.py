@@ -283,6 +283,11 @@ class RecLitModule(L.LightningModule):
             self.log("train/lr", lr, on_step=True, on_epoch=False, batch_size=bs)
         return loss
 
+    def on_before_optimizer_step(self, optimizer) -> None:
+        # once per optimizer step, whatever the gradient accumulation: per-step loss state (ATS)
+        for k, v in self.loss.on_optimizer_step().items():
+            self.log(f"train/{k}", float(v), on_step=True, on_epoch=False)
+
     def on_train_epoch_start(self) -> None:
         self._t_last = None
         dm = getattr(self.trainer, "datamodule", None)
