@@ -79,6 +79,7 @@ def test_shard_range_partitions_the_rows():
 def test_shards_merge_to_the_whole_split(compose_eval, tmp_path):
     """The tiny model on 5 users at once, and as shards 0/2 + 1/2 merged: same ranks and scores."""
     import numpy as np
+    import pytest
 
     whole, halves = tmp_path / "whole", [tmp_path / "s0", tmp_path / "s1"]
     full, _ = evaluate_app(compose_eval("subset=5", "decoder.num_beams=4", "top_k=[1,2,4]", "decoder.top_k=[1,2,4]",
@@ -91,7 +92,9 @@ def test_shards_merge_to_the_whole_split(compose_eval, tmp_path):
     a, b = _predictions(whole), _predictions(tmp_path / "m")
     assert [(p["user_id"], p["rank"], p["ranked_ids"]) for p in a] == [(p["user_id"], p["rank"], p["ranked_ids"]) for p in b]
     np.testing.assert_allclose([p["scores"] for p in a], [p["scores"] for p in b], atol=1e-4)
-    assert merged == full
+    # ranking metrics are exact; target_logp is a float mean over differently padded batches
+    assert {k: v for k, v in merged.items() if "@" in k} == {k: v for k, v in full.items() if "@" in k}
+    assert merged["valid/target_logp"] == pytest.approx(full["valid/target_logp"], rel=1e-5)
 
 
 def test_interrupted_eval_resumes_after_the_last_batch(compose_eval, tmp_path, monkeypatch):
