@@ -16,6 +16,7 @@ Predictions are appended to ``predictions.jsonl`` batch by batch: the same comma
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import logging
 from pathlib import Path
@@ -189,11 +190,11 @@ def check_mergeable(folders: list[Path]) -> list[tuple[int, int]]:
                              f"{', '.join(diff)}); only shards of one evaluation can be merged")
     ranges = [tuple(k["rows"]) for k in keys]
     order = sorted(range(len(folders)), key=lambda i: ranges[i])
-    for a, b in zip(order, order[1:]):
+    for a, b in itertools.pairwise(order):
         if ranges[b][0] < ranges[a][1]:
             raise ValueError(f"merge: rows {list(ranges[a])} of {folders[a]} and {list(ranges[b])} of {folders[b]} "
                              "overlap; users would be counted twice")
-    gaps = [(ranges[a][1], ranges[b][0]) for a, b in zip(order, order[1:]) if ranges[b][0] > ranges[a][1]]
+    gaps = [(ranges[a][1], ranges[b][0]) for a, b in itertools.pairwise(order) if ranges[b][0] > ranges[a][1]]
     if gaps:
         log.warning("merge: rows %s are in none of the merged evaluations",
                     ", ".join(f"[{lo}, {hi})" for lo, hi in gaps))
