@@ -8,7 +8,7 @@ import json
 import pytest
 import torch
 
-from tests.dist_probe import probe_batch
+from experiments.probes import probe_batch
 
 FSDP_TIMEOUT = 600  # s: a hang in validation (decoding under FSDP) fails the test instead of blocking
 
@@ -21,7 +21,7 @@ def test_fsdp_sim_trains_validates_checkpoints_and_reloads(tmp_path, tiny_overri
 
     cli("msl_rec.train", *tiny_overrides, "trainer=fsdp_sim", "loss=msl_ats", "decoder=cbs_masked",
         "trainer.max_steps=2", "trainer.max_epochs=1", "trainer.limit_train_batches=2", "trainer.limit_val_batches=1",
-        "callbacks.model_summary=null", "+callbacks.probe._target_=tests.dist_probe.LogitProbe",
+        "callbacks.model_summary=null", "+callbacks.probe._target_=experiments.probes.LogitProbe",
         f"+callbacks.probe.dirpath={tmp_path}", f"hydra.run.dir={tmp_path}", timeout=FSDP_TIMEOUT)
 
     # validation ran the constrained beam search on both ranks (no hang) and produced ranking metrics
@@ -160,3 +160,18 @@ def test_submitit_local_sweep_runs_both_jobs(tmp_path, tiny_overrides, cli):
         losses.add(OmegaConf.load(sweep / job / ".hydra" / "config.yaml").loss._target_.rsplit(".", 1)[-1])
     assert len(losses) == 2  # one job per loss
     assert list(sweep.glob(".submitit/*/*_result.pkl"))  # submitit ran them, not the basic launcher
+
+
+# ---------------------------------------------------------------------------- make gpu-check
+def test_gpu_check_without_cuda_says_so_and_fails():
+    import os
+    import subprocess
+    import sys
+
+    from msl_rec.utils.config import PROJECT_ROOT
+
+    env = dict(os.environ, CUDA_VISIBLE_DEVICES="")
+    proc = subprocess.run([sys.executable, "-m", "experiments.gpu_check"], cwd=PROJECT_ROOT, env=env,
+                          capture_output=True, text=True, timeout=120, check=False)
+    assert proc.returncode == 2
+    assert "no CUDA device" in proc.stderr

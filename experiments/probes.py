@@ -1,6 +1,9 @@
-"""A callback the distributed tests add to a training run (``+callbacks.probe._target_=tests.dist_probe.LogitProbe``):
-after fit, every rank computes logits on a fixed batch through the trained (possibly sharded) model,
-and through the FSDP decoding copy when there is one; rank 0 saves them to ``<run>/probe.pt``."""
+"""A callback that checks a training run from outside: ``+callbacks.probe._target_=experiments.probes.LogitProbe
++callbacks.probe.dirpath=<dir>`` (tests/test_distributed.py, experiments/gpu_check.py).
+
+After fit, every rank computes logits on a fixed batch through the trained (possibly sharded) model,
+and through the FSDP decoding copy when there is one; rank 0 saves them, with the peak GPU memory,
+to ``<dirpath>/probe.pt``."""
 
 from __future__ import annotations
 
@@ -25,7 +28,7 @@ class LogitProbe(L.Callback):
 
     @torch.no_grad()
     def on_train_end(self, trainer: L.Trainer, pl_module) -> None:
-        ids, am = probe_batch()
+        ids, am = (t.to(pl_module.device) for t in probe_batch())
         was_training = pl_module.training
         trainer.strategy.model.eval()
         # through the strategy's wrapper (the FSDP root under FSDP): the same collectives on every rank
@@ -38,5 +41,7 @@ class LogitProbe(L.Callback):
                                           use_cache=False).last_hidden_state
             out["decoding_copy"] = (h @ output_weight(copy.model).t()).float().cpu()
         trainer.strategy.model.train(was_training)
+        if torch.cuda.is_available():
+            out["peak_gpu_bytes"] = torch.tensor(torch.cuda.max_memory_allocated())
         if trainer.global_rank == 0:
             torch.save(out, self.dirpath / "probe.pt")
