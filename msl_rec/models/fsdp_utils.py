@@ -43,16 +43,13 @@ def canonical_name(name: str) -> str:
 
 
 def is_fsdp(module: nn.Module | None) -> bool:
-    """Whether ``module`` holds FSDP1 units (``FullyShardedDataParallel``) or FSDP2 ones."""
+    """Whether ``module`` holds FSDP units (torch's FSDP1 ``FullyShardedDataParallel``, what
+    Lightning's ``FSDPStrategy`` wraps with; its FSDP2 ``ModelParallelStrategy`` is not used here)."""
     if module is None:
         return False
     from torch.distributed.fsdp import FullyShardedDataParallel
 
-    try:
-        from torch.distributed.fsdp import FSDPModule
-    except ImportError:  # pragma: no cover (torch < 2.6)
-        FSDPModule = ()  # noqa: N806
-    return any(isinstance(m, (FullyShardedDataParallel, FSDPModule)) for m in module.modules())
+    return any(isinstance(m, FullyShardedDataParallel) for m in module.modules())
 
 
 class DecodingCopy:
