@@ -150,7 +150,7 @@ def train(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
     # the sweep objective is the selected (best) epoch's, not the last epoch's
     for cb in trainer.callbacks:
         if isinstance(cb, BestMetricsWriter):
-            metrics.update({k: v for k, v in cb.best_metrics.items() if k.startswith("val/")})
+            metrics.update({k: v for k, v in cb.best_metrics.items() if k not in ("epoch", "step")})
     check_checkpoints(trainer)
     return metrics, objects
 

@@ -17,7 +17,7 @@ from lightning.pytorch.plugins.io import TorchCheckpointIO
 class BestMetricsWriter(L.Callback):
     """Write ``metrics.json`` for the validation epoch with the best ``monitor`` (the selection metric).
 
-    Values are the epoch-level, rank-synced ``val/*`` metrics, keys without the ``val/`` prefix
+    Values are the epoch-level, rank-synced ``val/*`` metrics and the monitor, ``val/`` keys without the ``val/`` prefix
     (``ndcg@5``, ``hr@10`` ...), plus ``epoch``, ``step`` and ``monitor``; when the fit ends,
     ``best_ckpt`` (the monitored ``ModelCheckpoint``'s file, relative to ``dirpath``) is added. The
     monitored ``ModelCheckpoint`` must use the same ``monitor`` and ``mode`` (both interpolate
@@ -48,6 +48,7 @@ class BestMetricsWriter(L.Callback):
             return
         self.best = value
         self.best_metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("val/")}
+        self.best_metrics[self.monitor] = value
         self.best_metrics.update(epoch=trainer.current_epoch, step=trainer.global_step)
         if trainer.is_global_zero:
             self._write()
