@@ -110,6 +110,32 @@ class NonFiniteGuard(L.Callback):
         self._stop_unless(trainer, finite, "non-finite trainable weights after the update")
 
 
+class MidEpochResume(L.Callback):
+    """After a resume from a mid-epoch checkpoint (``callbacks.step_checkpoint.every_n_train_steps``),
+    continue the epoch's data order where it stopped.
+
+    Lightning restores the loops' batch counters but, for a map-style dataset, starts the epoch's
+    sampler from the beginning (only a torchdata ``StatefulDataLoader`` would resume itself). The
+    train sampler's order is a pure function of (seed, epoch), so skipping the batches already
+    done (``batch_progress.current.processed`` at the save) gives the uninterrupted run's batches.
+    The sampler must offer ``resume_at(position)`` (``EpochShuffleSampler`` does).
+    """
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if trainer.ckpt_path is None:
+            return
+        done = trainer.fit_loop.epoch_loop.batch_progress.current.processed
+        if not 0 < done < trainer.num_training_batches:
+            return  # saved at an epoch's end: the next epoch starts from its beginning
+        loader = trainer.train_dataloader
+        sampler = getattr(loader, "sampler", None)
+        if trainer.world_size != 1 or not hasattr(sampler, "resume_at"):
+            raise RuntimeError(f"{trainer.ckpt_path} was saved mid-epoch ({done} batches in), but this run's train "
+                               f"sampler ({type(sampler).__name__}, world size {trainer.world_size}) cannot resume "
+                               "there; resume from an epoch-end checkpoint instead")
+        sampler.resume_at(done * loader.batch_size)
+
+
 class VerifiedCheckpointIO(TorchCheckpointIO):
     """Lightning's torch checkpoint writer, then a check that the file really was written.
 
