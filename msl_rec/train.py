@@ -33,8 +33,8 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from msl_rec.utils import config as _config  # noqa: F401  (registers ${project_root:})
-from msl_rec.utils.config import CONFIG_DIR
 from msl_rec.utils.callbacks import BestMetricsWriter, VerifiedCheckpointIO
+from msl_rec.utils.config import CONFIG_DIR
 from msl_rec.utils.logging_utils import instantiate_callbacks, instantiate_loggers, log_hyperparameters
 from msl_rec.utils.resume import resume_argv, resume_config
 from msl_rec.utils.task import metric_value, task_wrapper

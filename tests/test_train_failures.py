@@ -88,7 +88,7 @@ def test_one_selection_metric_for_checkpoint_metrics_json_and_sweep(compose_trai
     cfg = compose_train(*SHORT, "logger=csv", "trainer.max_epochs=3", "optim.lr=3e-3",
                         "monitor.metric=train/loss_step", "monitor.mode=max")
     assert cfg.optimized_metric == "train/loss_step" and cfg.callbacks.model_checkpoint.monitor == "train/loss_step"
-    metrics, objects = train(cfg)
+    metrics, _ = train(cfg)
     logged = _last_step_losses(tmp_path)
     assert sorted(logged) == [0, 1, 2]
     best_epoch = max(logged, key=logged.get)
