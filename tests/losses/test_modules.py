@@ -119,7 +119,7 @@ def test_ats_ema_starts_at_1_5_as_released():
     loss_fn = MSLATSLoss()  # ema 0.05, clamp [1.5, 5], ema_init 1.5
     expected = 1.5
     for b in batches:
-        taus, logged = _step(loss_fn, b)
+        taus, _logged = _step(loss_fn, b)
         assert taus == [pytest.approx(expected)]  # the step trains with the previous step's tau
         clamped = min(max(_eq12_tau(b)[0], 1.5), 5.0)
         expected = 0.95 * expected + 0.05 * clamped
@@ -132,7 +132,7 @@ def test_ats_accumulation_equals_one_big_step(stats_at):
     """4 micro-batches of one optimizer step give the tau of one step over their concatenation."""
     b = make_batch(num_seqs=8, seed=12, dtype=torch.float64)
     parts = [_split(b, slice(2 * i, 2 * i + 2)) for i in range(4)]
-    kw = dict(stats_at=stats_at, ema=0.3)
+    kw = {"stats_at": stats_at, "ema": 0.3}
     whole, accumulated = MSLATSLoss(**kw), MSLATSLoss(**kw)
     for _ in range(2):
         _, one = _step(whole, b)
