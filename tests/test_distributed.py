@@ -19,7 +19,8 @@ def test_fsdp_sim_trains_validates_checkpoints_and_reloads(tmp_path, tiny_overri
     that reloads in one process to the trained model's logits, and the same tau on both ranks."""
     from msl_rec.models.module import RecLitModule
 
-    cli("msl_rec.train", *tiny_overrides, "trainer=fsdp_sim", "loss=msl_ats", "decoder=cbs_masked",
+    cli("msl_rec.train", *tiny_overrides, "trainer=fsdp_sim", "optim.global_batch_size=4", "loss=msl_ats",
+        "decoder=cbs_masked",
         "trainer.max_steps=2", "trainer.max_epochs=1", "trainer.limit_train_batches=2", "trainer.limit_val_batches=1",
         "callbacks.model_summary=null", "+callbacks.probe._target_=experiments.probes.LogitProbe",
         f"+callbacks.probe.dirpath={tmp_path}", f"hydra.run.dir={tmp_path}", timeout=FSDP_TIMEOUT)
