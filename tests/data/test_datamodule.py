@@ -151,3 +151,21 @@ def test_sample_draws_seeded_random_rows(cfg, tokenizer, catalog):
     assert dm.train_targets == [s.target for s in sample_rows(rows, 20, 7)]
     with pytest.raises(ValueError, match="data.sample=20 .* and data.train_subset=12 .* set one of them to null"):
         make_dm(cfg, tokenizer, catalog, sample=20)
+
+
+def test_train_sampler_under_ddp_takes_this_ranks_share(cfg, tokenizer, catalog):
+    """Under a (fake) 2-process trainer each rank's loader holds its own half; Lightning leaves a
+    DistributedSampler in place instead of wrapping it again."""
+    from types import SimpleNamespace
+
+    from torch.utils.data import DistributedSampler
+
+    shares = []
+    for rank in (0, 1):
+        dm = make_dm(cfg, tokenizer, catalog, train_subset=30)
+        dm.trainer = SimpleNamespace(world_size=2, global_rank=rank)
+        loader = dm.train_dataloader()
+        assert isinstance(loader.sampler, DistributedSampler)
+        shares.append([i for i in loader.sampler])
+    assert len(shares[0]) == len(shares[1]) == 15 and not set(shares[0]) & set(shares[1])
+    assert set(shares[0]) | set(shares[1]) == set(range(30))
