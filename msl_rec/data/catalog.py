@@ -84,7 +84,7 @@ def load_titles(item_file: str | Path, allow_empty_titles: bool = False) -> dict
     return titles
 
 
-def warn_undecodable_titles(catalog: "ItemCatalog", max_new_tokens: int) -> int:
+def warn_undecodable_titles(catalog: ItemCatalog, max_new_tokens: int) -> int:
     """Warn (once per catalog and limit) about titles a decoder capped at ``max_new_tokens`` can
     never produce: responses (title tokens + EOS) longer than the cap. Returns their count."""
     lengths = np.fromiter(map(len, catalog.sequences), dtype=np.int64, count=len(catalog.sequences))

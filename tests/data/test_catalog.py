@@ -123,7 +123,7 @@ def test_item_file_bom_and_bad_bytes(tmp_path):
     path.write_bytes(b'{"1": "a",\n "2": "\xff"}')
     with pytest.raises(DataError, match=r"items.json: line 2 \(byte offset 18\): .* not UTF-8"):
         load_titles(path)
-    path.write_text('{"1": "a", "%d": "b"}' % 2**63)
+    path.write_text(f'{{"1": "a", "{2**63}": "b"}}')
     with pytest.raises(DataError, match=r"item key '9223372036854775808'.* does not fit in int64"):
         load_titles(path)
 

@@ -17,15 +17,19 @@ RELEASED_TEMPLATE = (
     "Write a response that appropriately completes the request. \n\n### Instruction:\n{instruction}\n\n"
     "### Input:\n{input}\n \n\n### Response:\n"
 )
-RELEASED_WORDING = {
-    "toy": ("Given a list of toys the user has played before, please recommend a new toy that the user likes to "
-            "the user.", "The user has played the following toys before: "),
-    "books": ("Given a list of books the user has read before, please recommend a new book that the user likes to "
-              "the user.", "The user has read the following books before: "),
-    "clothing": ("Given a list of clothing the user has worn before, please recommend a new clothing that the user "
-                 "likes to the user.", "The user has worn the following clothing before: "),
-    "office": ("Given a list of office products the user has used before, please recommend a new office product "
-               "that the user likes to the user.", "The user has used the following office products before: "),
+RELEASED_WORDING = {  # (instruction, input prefix)
+    "toy": (("Given a list of toys the user has played before, please recommend a new toy that the user likes to the "
+            "user."),
+            "The user has played the following toys before: "),
+    "books": (("Given a list of books the user has read before, please recommend a new book that the user likes to "
+              "the user."),
+              "The user has read the following books before: "),
+    "clothing": (("Given a list of clothing the user has worn before, please recommend a new clothing that the user "
+                 "likes to the user."),
+                 "The user has worn the following clothing before: "),
+    "office": (("Given a list of office products the user has used before, please recommend a new office product "
+               "that the user likes to the user."),
+               "The user has used the following office products before: "),
 }
 
 TITLES = {1: "one", 2: "two", 3: "three", 4: "four"}
