@@ -169,6 +169,7 @@ class EpochShuffleSampler(DistributedSampler):
         self.lengths = None if lengths is None else np.asarray(lengths)
         self.micro_batch_size = int(micro_batch_size)
         self.bucket_batches = int(bucket_batches)
+        self.start = 0  # mid-epoch resume: the next iteration begins at this position of the order
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = int(epoch)
@@ -191,12 +192,17 @@ class EpochShuffleSampler(DistributedSampler):
             batches[:n_full] = [batches[k] for k in torch.randperm(n_full, generator=g).tolist()]
         return batches
 
+    def resume_at(self, position: int) -> None:
+        """Begin the next iteration at ``position`` of this rank's order (msl_rec.utils.callbacks.MidEpochResume)."""
+        self.start = int(position)
+
     def __iter__(self):
         out: list[int] = []
         for batch in self.global_order():
             share = len(batch) // self.num_replicas
             out += batch[self.rank * share:(self.rank + 1) * share]
-        return iter(out)
+        start, self.start = self.start, 0
+        return iter(out[start:])
 
 
 class Collator:

@@ -79,3 +79,10 @@ def test_micro_batches_are_length_sorted_within_mega_batches():
     runs = {tuple(m[k:k + micro]) for m in megas for k in range(0, len(m), micro)}
     assert {tuple(a[k:k + micro]) for k in range(0, n, micro)} == runs
     assert pad(a) < 0.35 * pad(unbucketed)  # 20-row mega-batches of uniform lengths: ~1/4
+
+
+def test_resume_at_skips_the_done_positions_once():
+    s = EpochShuffleSampler(_Rows(50), 1, lengths_of(50), 4, 5)
+    full = list(s)
+    s.resume_at(12)
+    assert list(s) == full[12:] and list(s) == full
