@@ -212,11 +212,16 @@ def evaluate_app(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
     result.metrics = compute_metrics(result.ranks, tuple(cfg.top_k))
     (out_dir / "metrics.json").write_text(json.dumps(result.metrics, indent=2) + "\n", encoding="utf-8")
     if cfg.get("save_w") and model is not None:
-        # Fig. 5: w = 1 - P_valid(y) at every response position of the evaluated users
+        # Fig. 5: the paper's w at the positive token, per response position of the evaluated users,
+        # at tau 1: w_lml = 1 - P(y) (full softmax), w_msl = 1 - P_valid(y) (softmax over the valid set)
         with torch.no_grad():
-            w = torch.cat([module.valid_weights(b) for b in batches(rows)]).cpu().numpy()
-        np.save(out_dir / "w_values.npy", w)
-        log.info("w = 1 - P_valid: mean %.4f over %d response positions", float(w.mean()), len(w))
+            parts = [module.valid_weights(b) for b in batches(rows)]
+        w = {k: torch.cat([p[k] for p in parts]).cpu().numpy() for k in ("w_lml", "w_msl", "num_valid")}
+        np.savez(out_dir / "w_values.npz", **w, tau=np.float64(1.0))
+        multi = w["num_valid"] > 1
+        log.info("w at tau 1 over %d response positions with > 1 valid token: LML (1 - P) mean %.4f, "
+                 "MSL (1 - P_valid) mean %.4f", int(multi.sum()), float(w["w_lml"][multi].mean()),
+                 float(w["w_msl"][multi].mean()))
     metrics = {f"{split}/{k}": float(v) for k, v in result.metrics.items()}
 
     from msl_rec.utils.logging_utils import instantiate_loggers
