@@ -104,7 +104,8 @@ def build_data(cfg: DictConfig, num_negatives: int = 0):
                        eval_batch_size=config_int(cfg, "data.eval_batch_size"), train_subset=d.get("train_subset"),
                        valid_subset=d.get("valid_subset"), test_subset=d.get("test_subset"),
                        num_negatives=num_negatives, fixed_negatives=bool(d.get("fixed_negatives", False)),
-                       seed=int(cfg.seed), num_workers=int(d.get("num_workers", 0)))
+                       seed=int(cfg.seed), num_workers=int(d.get("num_workers", 0)), sample=d.get("sample"),
+                       bucket_by_length=bool(d.get("bucket_by_length", True)))
     return tokenizer, catalog, dm
 
 
