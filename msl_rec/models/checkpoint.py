@@ -66,7 +66,7 @@ def read_checkpoint(path: str | Path, map_location: Any = "cpu") -> dict[str, An
             f"checkpoint {path}: refused by torch.load(weights_only=True): it holds objects other than "
             f"tensors and plain data, or is not a torch checkpoint at all. Only load checkpoints written "
             f"by msl-rec-train. ({str(e).splitlines()[0] if str(e) else type(e).__name__})") from e
-    except (RuntimeError, EOFError, KeyError, ValueError, OSError) as e:
+    except Exception as e:  # garbage makes the unpickler fail in many ways (KeyError, IndexError, EOFError ...)
         raise CheckpointError(f"checkpoint {path}: not a torch checkpoint file (torch.load failed: "
                               f"{type(e).__name__}: {e}); pass a .ckpt written by msl-rec-train") from e
     if not isinstance(ckpt, dict) or "state_dict" not in ckpt:
