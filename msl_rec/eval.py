@@ -38,19 +38,46 @@ RUN_KEYS = ("dataset", "backbone", "loss", "seed")
 
 
 def best_checkpoint(run_dir: Path) -> Path:
+    """The checkpoint a training run selected by its ``monitor`` metric (not by file name).
+
+    Read from the run's ``metrics.json`` (``best_ckpt``, written when the fit ends); for a run that
+    did not finish, from the monitored ``ModelCheckpoint`` state inside ``checkpoints/last.ckpt``;
+    with no validation yet, ``last.ckpt`` itself (with a warning). No checkpoint: a clear error.
+    """
     ckpts = run_dir / "checkpoints"
-    best = sorted(p for p in ckpts.glob("*.ckpt") if p.name != "last.ckpt")
-    if best:
-        return best[-1]
-    if (ckpts / "last.ckpt").is_file():
-        return ckpts / "last.ckpt"
-    raise FileNotFoundError(f"run_dir={run_dir}: no checkpoint under {ckpts}")
+    metrics_file = run_dir / "metrics.json"
+    if metrics_file.is_file():
+        best = json.loads(metrics_file.read_text()).get("best_ckpt")
+        if best:
+            path = run_dir / best if not Path(best).is_absolute() else Path(best)
+            if not path.is_file():
+                raise FileNotFoundError(f"run_dir={run_dir}: {metrics_file} names best_ckpt={best}, which does not "
+                                        "exist; pass ckpt_path= explicitly")
+            return path
+    last = ckpts / "last.ckpt"
+    if not last.is_file():
+        raise FileNotFoundError(f"run_dir={run_dir}: no checkpoint (neither best_ckpt in metrics.json nor "
+                                f"{last}); was the run trained? pass ckpt_path= explicitly")
+    state = torch.load(last, map_location="cpu", weights_only=True).get("callbacks", {})
+    for key, cb in state.items():
+        if key.startswith("ModelCheckpoint") and cb.get("monitor") and cb.get("best_model_path"):
+            path = Path(cb["best_model_path"])
+            path = path if path.is_file() else ckpts / path.name  # the run folder may have moved
+            if path.is_file():
+                log.info("run_dir: best checkpoint by %s: %s", cb["monitor"], path)
+                return path
+    log.warning("run_dir=%s: no validated best checkpoint recorded; evaluating %s", run_dir, last)
+    return last
 
 
 def apply_run_dir(cfg: DictConfig) -> DictConfig:
-    """Take dataset/backbone/loss from ``cfg.run_dir``'s saved config, and its checkpoint."""
+    """Take dataset/backbone/loss from ``cfg.run_dir``'s saved config, and its best checkpoint."""
     run_dir = Path(cfg.run_dir)
-    saved = OmegaConf.load(run_dir / ".hydra" / "config.yaml")
+    saved_file = run_dir / ".hydra" / "config.yaml"
+    if not saved_file.is_file():
+        raise FileNotFoundError(f"run_dir={run_dir}: no {saved_file} (not a msl-rec-train run folder); "
+                                "give a folder under outputs/train/runs/ or ckpt_path=")
+    saved = OmegaConf.load(saved_file)
     with open_dict(cfg):
         for key in RUN_KEYS:
             if key in saved:

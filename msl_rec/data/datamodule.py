@@ -140,17 +140,23 @@ class EpochShuffleSampler(Sampler[int]):
         self.dataset = dataset
         self.seed = seed
         self.epoch = 0
+        self.start = 0  # mid-epoch resume: the next iteration begins at this position of the order
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = int(epoch)
         self.dataset.set_epoch(epoch)
+
+    def resume_at(self, position: int) -> None:
+        """Begin the next iteration at ``position`` of the epoch's order (msl_rec.utils.callbacks.MidEpochResume)."""
+        self.start = int(position)
 
     def __len__(self) -> int:
         return len(self.dataset)
 
     def __iter__(self):
         g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
-        return iter(torch.randperm(len(self.dataset), generator=g).tolist())
+        start, self.start = self.start, 0
+        return iter(torch.randperm(len(self.dataset), generator=g).tolist()[start:])
 
 
 class Collator:
