@@ -4,7 +4,6 @@ the backbone record, SFT adapters, per-rank RNG state (msl_rec/models/checkpoint
 from __future__ import annotations
 
 import os
-import pickle
 import random
 import sys
 from pathlib import Path
