@@ -1,4 +1,4 @@
-"""FSDP helpers: canonical parameter names, decoding on rank-local full weights, FSDP on CPU (tests).
+"""FSDP helpers: decoding on rank-local full weights, FSDP on CPU (tests).
 
 Decoding under FSDP. Constrained beam search makes a data-dependent number of forward calls per
 rank (beams die at different depths on different users), and every forward of an FSDP unit is an
@@ -28,19 +28,9 @@ import torch
 from lightning.pytorch.strategies import FSDPStrategy
 from torch import nn
 
+from msl_rec.models.checkpoint import canonical_key
+
 log = logging.getLogger(__name__)
-
-# prefixes FSDP1 / activation checkpointing / torch.compile insert into parameter names
-_WRAPPER_PREFIXES = ("_fsdp_wrapped_module.", "_checkpoint_wrapped_module.", "_orig_mod.")
-
-
-def canonical_name(name: str) -> str:
-    """A parameter name with the FSDP / checkpoint-wrapper / compile prefixes removed: the name it
-    has without any strategy (``model.base_model.model.model.layers.0....lora_A.default.weight``)."""
-    for prefix in _WRAPPER_PREFIXES:
-        name = name.replace(prefix, "")
-    return name
-
 
 def is_fsdp(module: nn.Module | None) -> bool:
     """Whether ``module`` holds FSDP units (torch's FSDP1 ``FullyShardedDataParallel``, what
@@ -72,7 +62,7 @@ class DecodingCopy:
         ctx = (FSDP.summon_full_params(root, writeback=False, recurse=True)
                if isinstance(root, FSDP) else contextlib.nullcontext())
         with ctx, torch.no_grad():
-            src = {canonical_name(n): t for n, t in _tensors(sharded)}
+            src = {canonical_key(n): t for n, t in _tensors(sharded)}
             if self.model is None:
                 device = next(iter(src.values())).device
                 self.model = self._build().to(device)
