@@ -66,7 +66,7 @@ def check_fsdp(run_dir: Path) -> list[str]:
     lora = [k for k in state if "lora_" in k]
     if len(lora) != 30 * 2 * 2:  # 30 layers x (q_proj, v_proj) x (A, B)
         problems.append(f"{len(lora)} LoRA keys in {ckpt.name}, want 120")
-    if any("_fsdp" in k for k in state) or set(state) - set(lora) - {"loss.tau_ema", "loss.step"}:
+    if any("_fsdp" in k for k in state) or any(not k.startswith("loss.") for k in set(state) - set(lora)):
         problems.append(f"unexpected keys in {ckpt.name}: {sorted(set(state) - set(lora))[:4]}")
     probe = torch.load(run_dir / "probe.pt", weights_only=True)
     ids, am = (t.cuda() for t in probe_batch())
