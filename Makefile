@@ -5,7 +5,7 @@ PY := .venv/bin/python
 STAMP := .venv/.installed
 
 .DEFAULT_GOAL := help
-.PHONY: help install test test-full lint bench demo report clean
+.PHONY: help install test test-full lint bench demo report gpu-check clean
 
 help: ## show this help
 	@grep -E '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  make %-10s %s\n", $$1, $$2}'
@@ -35,6 +35,9 @@ bench: install ## trie, loss, decoding and training benchmarks; prints ratios me
 
 demo: install ## train MSL+ATS on SmolLM2 over a slice of Books, evaluate, compare with popularity
 	$(PY) -m experiments.demo
+
+gpu-check: install ## on a CUDA machine (< 8 min): each loss in bf16, ddp/fsdp x1, FSDP checkpoint checks, eval users/s
+	$(PY) -m experiments.gpu_check
 
 report: install ## tables + plots from finished runs: make report SWEEP=outputs/train/multiruns/<dir>
 	$(PY) -m experiments.report $(SWEEP)

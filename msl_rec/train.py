@@ -90,6 +90,17 @@ def trainer_precision(trainer_cfg: DictConfig) -> str:
     return "bf16-mixed" if on_gpu else "32-true"
 
 
+def build_strategy(strategy: Any) -> Any:
+    """A strategy name as is; a ``_target_`` dict (trainer=fsdp, ddp_sim, ...) instantiated, with an FSDP
+    ``auto_wrap_policy`` given as class paths (LlamaDecoderLayer) turned into a set of classes."""
+    if not isinstance(strategy, dict) or "_target_" not in strategy:
+        return strategy
+    strategy = dict(strategy)
+    if isinstance(strategy.get("auto_wrap_policy"), list):
+        strategy["auto_wrap_policy"] = {hydra.utils.get_class(c) for c in strategy["auto_wrap_policy"]}
+    return hydra.utils.instantiate(strategy, _convert_="partial")
+
+
 def build_data(cfg: DictConfig, num_negatives: int = 0):
     """Tokenizer, item catalog and data module for ``cfg.dataset`` and ``cfg.backbone``."""
     from msl_rec.data.catalog import ItemCatalog
@@ -141,11 +152,8 @@ def train(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
     trainer_cfg["plugins"] = [*(trainer_cfg.get("plugins") or []), VerifiedCheckpointIO()]
     log.info("world size %d, micro batch %d, accumulate %d -> global batch %d", ws, cfg.data.micro_batch_size,
              accumulate, accumulate * ws * cfg.data.micro_batch_size)
-    strategy = trainer_cfg.get("strategy")
-    if isinstance(strategy, dict) and isinstance(strategy.get("auto_wrap_policy"), list):
-        # FSDP: wrap policy given as class paths (LlamaDecoderLayer) -> a set of classes
-        strategy["auto_wrap_policy"] = {hydra.utils.get_class(c) for c in strategy["auto_wrap_policy"]}
-        trainer_cfg["strategy"] = hydra.utils.instantiate(strategy, _convert_="partial")
+    if "strategy" in trainer_cfg:
+        trainer_cfg["strategy"] = build_strategy(trainer_cfg["strategy"])
     trainer: L.Trainer = hydra.utils.instantiate(trainer_cfg, callbacks=callbacks, logger=loggers or False,
                                                  _convert_="partial")
     objects = {"cfg": cfg, "datamodule": dm, "model": module, "trainer": trainer}

@@ -100,6 +100,7 @@ class RecLitModule(L.LightningModule):
         self.loss = build_loss(self.hparams.loss)
         self.model = None  # built in configure_model
         self.decoder = None
+        self._decoding_copy = None  # FSDP: a rank-local unsharded backbone for decoding (fsdp_utils)
 
     @classmethod
     def load_from_checkpoint(cls, checkpoint_path, map_location: Any = "cpu", **kwargs) -> RecLitModule:
@@ -259,6 +260,14 @@ class RecLitModule(L.LightningModule):
         if dm is not None and hasattr(dm, "set_epoch"):
             dm.set_epoch(self.current_epoch)
 
+    def on_validation_epoch_start(self) -> None:
+        from msl_rec.models.fsdp_utils import DecodingCopy, is_fsdp
+
+        if self.hparams.decoder and is_fsdp(self.model):  # see fsdp_utils: why decoding needs full weights
+            if self._decoding_copy is None:
+                self._decoding_copy = DecodingCopy(lambda: build_backbone(self.hparams.backbone))
+            self._decoding_copy.refresh(self.trainer.strategy.model, self.model)
+
     def validation_step(self, batch: Mapping[str, torch.Tensor], batch_idx: int) -> None:
         bs = int(batch["input_ids"].shape[0]) if "input_ids" in batch else int(batch["target_ids"].shape[0])
         decoder = self._build_decoder()
@@ -269,7 +278,8 @@ class RecLitModule(L.LightningModule):
             return
         _, evaluate = _decoding()
         dm = self.trainer.datamodule
-        result = evaluate(decoder, self.model, [batch], dm.catalog, top_k=tuple(self.hparams.top_k))
+        model = self._decoding_copy.model if self._decoding_copy is not None else self.model
+        result = evaluate(decoder, model, [batch], dm.catalog, top_k=tuple(self.hparams.top_k))
         for k, v in result.metrics.items():
             # per-sample means, weighted by batch size across batches and ranks
             self.log(f"val/{k}", float(v), on_epoch=True, sync_dist=True, batch_size=bs,
