@@ -24,7 +24,10 @@ def _cfg(group: str, name: str, **over) -> dict:
 
 
 def _module(loss: str = "msl_ats", **backbone_over) -> RecLitModule:
-    m = RecLitModule(backbone=_cfg("backbone", "tiny_llama", **backbone_over), loss=_cfg("loss", loss))
+    backbone = _cfg("backbone", "tiny_llama", **backbone_over)
+    # the loss node interpolates the backbone's settings (ATS stats_at), as in a composed config
+    loss_cfg = OmegaConf.create({"backbone": backbone, "loss": OmegaConf.load(f"{CONFIG_DIR}/loss/{loss}.yaml")})
+    m = RecLitModule(backbone=backbone, loss=OmegaConf.to_container(loss_cfg, resolve=True)["loss"])
     m.configure_model()
     with torch.no_grad():  # a trained-looking adapter (B = 0 at init would make every check trivial)
         for n, p in m.model.named_parameters():
