@@ -65,6 +65,30 @@ def _fake_run(root: Path, name: str, loss: dict, seed: int, ndcg10: float, steps
     return run
 
 
+def _fake_eval(run: Path, ranks: list[int], logp: list[float] | None = None, first: list[int] | None = None,
+               users: list[int] | None = None):
+    """An evaluation's predictions.jsonl (and its metrics) beside a _fake_run's config."""
+    import numpy as np
+
+    from msl_rec.metrics import compute_metrics
+
+    users = users or list(range(len(ranks)))
+    first = first or [7] * len(ranks)
+    with open(run / "predictions.jsonl", "w") as f:
+        for i, r in enumerate(ranks):
+            row = {"user_id": users[i], "target_id": 1000 + i, "rank": r, "ranked_ids": [[first[i]], [1]],
+                   "scores": [0.0, -1.0]}
+            if logp is not None:
+                row["target_logp"] = logp[i]
+            f.write(json.dumps(row) + "\n")
+    metrics = compute_metrics(ranks)
+    if logp is not None:
+        metrics["target_logp"] = float(np.mean(logp))
+    (run / "metrics.json").write_text(json.dumps(metrics))
+    rng = np.random.default_rng(len(ranks))
+    np.savez(run / "w_values.npz", w_lml=rng.random(50), w_msl=rng.random(50) ** 2)
+
+
 def test_report_tables_and_plots(tmp_path):
     from experiments.report import write_report
 
@@ -73,9 +97,12 @@ def test_report_tables_and_plots(tmp_path):
     msl2 = {"_target_": "msl_rec.losses.MSLLoss", "tau": 2.5}
     ats = {"_target_": "msl_rec.losses.MSLATSLoss"}
     curve = [(0, 4.0, 2.0), (1, 3.0, 2.5)]
-    _fake_run(tmp_path, "0", lml, 1, 0.10, curve)
+    import numpy as np
+
+    np.savez(_fake_run(tmp_path, "0", lml, 1, 0.10, curve) / "w_values.npz", w_lml=np.linspace(0, 1, 30),
+             w_msl=np.linspace(0, 0.5, 30))
     _fake_run(tmp_path, "1", lml, 2, 0.20, curve)
-    _fake_run(tmp_path, "2", msl, 1, 0.30, curve)
+    np.save(_fake_run(tmp_path, "2", msl, 1, 0.30, curve) / "w_values.npy", np.linspace(0, 0.7, 30))  # older format
     _fake_run(tmp_path, "3", msl2, 1, 0.25, curve)
     _fake_run(tmp_path, "4", ats, 1, 0.45, curve)
     text = write_report([tmp_path], tmp_path / "out").read_text()
@@ -97,3 +124,50 @@ def test_optuna_tau_sweep_maximises_validation_ndcg(tmp_path, tiny_overrides, cl
     assert 0.0 <= result["best_value"] <= 1.0
     taus = [yaml.safe_load((sweep / str(j) / ".hydra" / "config.yaml").read_text())["loss"]["tau"] for j in (0, 1)]
     assert taus[0] != taus[1] and result["best_params"]["loss.tau"] in taus
+
+
+def test_report_paired_comparison_with_lml(tmp_path):
+    """Evaluations with predictions.jsonl: each loss against LML on the same users, per-user."""
+    from experiments.report import write_report
+
+    lml = {"_target_": "msl_rec.losses.LMLLoss", "tau": 1.0}
+    msl = {"_target_": "msl_rec.losses.MSLLoss", "tau": 1.0}
+    ats = {"_target_": "msl_rec.losses.MSLATSLoss"}
+    n = 400
+    miss = [-1] * n
+    lml_ranks = [0 if i < 20 else -1 for i in range(n)]          # 20 hits at rank 0
+    msl_ranks = [0 if i < 120 else -1 for i in range(n)]         # 100 more hits: a real gain
+    ats_ranks = [0 if 20 <= i < 40 else -1 for i in range(n)]    # 20 hits on other users: no difference
+    logp = [-50.0 + (i % 7) for i in range(n)]
+    _fake_eval(_fake_run(tmp_path, "lml1", lml, 1, 0, []), lml_ranks, logp, first=[i % 3 for i in range(n)])
+    _fake_eval(_fake_run(tmp_path, "lml2", lml, 2, 0, []), lml_ranks, logp)
+    _fake_eval(_fake_run(tmp_path, "msl", msl, 1, 0, []), msl_ranks, [v + 2.0 for v in logp])
+    _fake_eval(_fake_run(tmp_path, "ats", ats, 1, 0, []), ats_ranks)  # no target_logp: not compared on it
+    _fake_eval(_fake_run(tmp_path, "nothing", msl | {"tau": 9.0}, 1, 0, []), miss)
+    text = write_report([tmp_path], tmp_path / "out").read_text()
+    assert "## Paired comparison with LML (same users)" in text
+    lines = {tuple(c.strip() for c in line.split("|")[1:3]): line for line in text.splitlines() if line.startswith("| ")}
+    # MSL: NDCG@10 0.30 vs 0.05 (+0.25, exact), target_logp +2 on every user
+    assert "| +0.2500 |" in lines[("MSL", "ndcg@10")] and lines[("MSL", "ndcg@10")].endswith("| model higher |")
+    assert "| +2.0000 | [+2.0000, +2.0000] |" in lines[("MSL", "target_logp")]
+    assert "| 400 | 1, 2 |" in lines[("MSL", "hr@10")]
+    # MSL+ATS: the same number of hits on different users
+    assert lines[("MSL+ATS", "ndcg@10")].endswith("| no detectable difference |")
+    assert ("MSL+ATS", "target_logp") not in lines
+    # no hit at all: -0.05 on the 20 users LML finds, so a CI below 0 (p = 2 / 2**20 exactly)
+    assert lines[("MSL (tau=9)", "hr@10")].endswith("| model lower |")
+    assert "| logp |" in text  # the target_logp column of the main table
+    # distinct first titles: 3 for lml1 (0, 1, 2), 1 for the others
+    assert "| `lml1` | LML | 1 | 0.0500 | 0.0500 | 3 |" in text and "| `msl` | MSL | 1 | 0.3000 | 0.3000 | 1 |" in text
+    assert (tmp_path / "out" / "w_distribution.png").stat().st_size > 1000
+
+
+def test_report_refuses_to_pair_different_users(tmp_path):
+    from experiments.report import write_report
+
+    lml = {"_target_": "msl_rec.losses.LMLLoss", "tau": 1.0}
+    msl = {"_target_": "msl_rec.losses.MSLLoss", "tau": 1.0}
+    _fake_eval(_fake_run(tmp_path, "a", lml, 1, 0, []), [0, -1, -1])
+    _fake_eval(_fake_run(tmp_path, "b", msl, 1, 0, []), [0, -1, -1], users=[0, 5, 2])
+    with pytest.raises(ValueError, match="row 1: .*user/target 1/1001.* has 5/1001"):
+        write_report([tmp_path], tmp_path / "out")

@@ -8,8 +8,13 @@ import numpy as np
 import pytest
 from scipy import stats
 
-from msl_rec.significance import (NO_DIFFERENCE, bootstrap_ci, compare_paired, minimum_detectable_effect,
-                                  sign_flip_test)
+from msl_rec.significance import (
+    NO_DIFFERENCE,
+    bootstrap_ci,
+    compare_paired,
+    minimum_detectable_effect,
+    sign_flip_test,
+)
 
 
 def test_bootstrap_interval_covers_a_known_difference():
