@@ -171,3 +171,104 @@ def test_report_refuses_to_pair_different_users(tmp_path):
     _fake_eval(_fake_run(tmp_path, "b", msl, 1, 0, []), [0, -1, -1], users=[0, 5, 2])
     with pytest.raises(ValueError, match="row 1: .*user/target 1/1001.* has 5/1001"):
         write_report([tmp_path], tmp_path / "out")
+
+
+def test_compare_pick_tau():
+    from experiments.compare import pick_tau
+
+    assert pick_tau({1.0: {"ndcg@10": 0.1}, 1.5: {"ndcg@10": 0.3}, 2.5: {"ndcg@10": 0.2}}, "ndcg@10", 1.5) == 1.5
+    assert pick_tau({1.0: {"ndcg@10": 0.4}, 1.5: {"ndcg@10": 0.3}}, "ndcg@10", 1.5) == 1.0
+    # ties: target_logp decides; without it, the default
+    tied = {1.0: {"ndcg@10": 0.0, "target_logp": -30.0}, 2.5: {"ndcg@10": 0.0, "target_logp": -20.0},
+            1.5: {"ndcg@10": 0.0, "target_logp": -25.0}}
+    assert pick_tau(tied, "ndcg@10", 1.5) == 2.5
+    assert pick_tau({1.0: {"ndcg@10": 0.0}, 1.5: {"ndcg@10": 0.0}}, "ndcg@10", 1.5) == 1.5
+
+
+def test_compare_steps_run_in_dependency_order_skip_when_done_and_fail_loudly(tmp_path):
+    import sys
+    import time
+
+    from experiments.compare import Step, run_steps
+
+    def writer(name: str, wait: float = 0.0):
+        # appends "<name> <time>" to a shared file, so the order of the runs can be read back
+        code = f"import time; time.sleep({wait}); open({str(tmp_path / 'order')!r}, 'a').write('{name}\\n')"
+        return lambda: [sys.executable, "-c", code]
+
+    for d in ("a", "b", "c"):
+        (tmp_path / d).mkdir()
+    after = []
+    steps = [Step("c", tmp_path / "c", writer("c"), deps=["a", "b"], after=lambda: after.append("c")),
+             Step("a", tmp_path / "a", writer("a", 0.5)), Step("b", tmp_path / "b", writer("b"))]
+    assert run_steps(steps, jobs=2, env={}, log_dir=tmp_path / "logs")
+    order = (tmp_path / "order").read_text().split()
+    assert sorted(order[:2]) == ["a", "b"] and order[2] == "c" and after == ["c"]
+    assert all((tmp_path / d / ".done").is_file() for d in "abc")
+    # a second run skips finished steps
+    assert run_steps(steps, jobs=2, env={}, log_dir=tmp_path / "logs")
+    assert (tmp_path / "order").read_text().split() == order
+    # a failing step stops the run with its log named; its dependants never start
+    (tmp_path / "d").mkdir()
+    (tmp_path / "e").mkdir()
+    bad = [Step("d", tmp_path / "d", lambda: [sys.executable, "-c", "raise SystemExit(5)"]),
+           Step("e", tmp_path / "e", writer("e"), deps=["d"])]
+    with pytest.raises(RuntimeError, match=r"step d failed \(exit 5\).*d\.log"):
+        run_steps(bad, jobs=2, env={}, log_dir=tmp_path / "logs")
+    assert not (tmp_path / "e" / ".done").exists() and "e" not in (tmp_path / "order").read_text().split()
+    # a deadline stops and kills its own running jobs; the step is not marked done
+    (tmp_path / "f").mkdir()
+    t0 = time.time()
+    slow = [Step("f", tmp_path / "f", lambda: [sys.executable, "-c", "import time; time.sleep(60)"])]
+    assert not run_steps(slow, jobs=1, env={}, log_dir=tmp_path / "logs", deadline=time.time() + 1)
+    assert time.time() - t0 < 30 and not (tmp_path / "f" / ".done").exists()
+
+
+@pytest.mark.slow
+def test_compare_driver_end_to_end_tiny(tmp_path, cli):
+    """The whole comparison on the tiny backbone: sweep, 3 trainings, evaluations, report, adapters;
+    a second run finds everything done. (Shards and their merge: the second test below.)"""
+    out, results = tmp_path / "cmp", tmp_path / "results"
+    args = ["--preset", "cpu", "--out", str(out), "backbone=tiny_llama", "data.train_subset=8",
+            "trainer.max_epochs=1", "optim.global_batch_size=4", "optim.warmup_steps=1", "compare.sweep.taus=[1.0,2.5]",
+            "compare.sweep.train_rows=4", "compare.sweep.eval_shard=867/868", "compare.eval.users=6",
+            "compare.eval.shards=1", "compare.eval.save_w=false", f"compare.results_dir={results}"]
+    proc = cli("experiments.compare", *args, timeout=900)
+    assert "MSL tau from the sweep" in proc.stdout
+    tau = json.loads((results / "tau.json").read_text())["tau"]
+    assert tau in (1.0, 2.5)
+    msl_cfg = yaml.safe_load((out / "train" / "msl" / ".hydra" / "config.yaml").read_text())
+    assert msl_cfg["loss"]["tau"] == tau and msl_cfg["data"]["train_subset"] == 8
+    for loss in ("lml", "msl", "msl_ats"):
+        assert (results / f"{loss}.ckpt").stat().st_size > 0
+        assert len((out / "eval" / loss / "predictions.jsonl").read_text().splitlines()) == 6
+    text = (results / "results.md").read_text()
+    assert "## Paired comparison with LML (same users)" in text and "| popularity |" in text
+    assert (results / "tau_sweep" / "results.md").is_file()
+    again = cli("experiments.compare", *args, timeout=300)
+    assert "start" not in again.stdout and "done in" in again.stdout
+
+
+def test_compare_cpu_plan(tmp_path):
+    """The cpu preset's plan: sweep on users the evaluation does not see, MSL after the sweep,
+    2 shards per model then a merge, popularity on the same users; a training with an epoch
+    checkpoint resumes instead of starting over."""
+    from experiments.compare import build_steps
+    from msl_rec.eval import shard_range
+
+    steps, _ = build_steps("cpu", [], tmp_path)
+    by = {s.name: s for s in steps}
+    assert {"sweep-tau_1", "sweep-tau_1.5", "sweep-tau_2.5", "train-lml", "train-msl", "train-msl_ats",
+            "eval-lml-0", "eval-lml-1", "merge-lml", "merge-msl", "merge-msl_ats", "eval-popularity"} <= set(by)
+    assert set(by["train-msl"].deps) == {"sweep-eval-tau_1", "sweep-eval-tau_1.5", "sweep-eval-tau_2.5"}
+    assert by["train-lml"].deps == [] and by["merge-lml"].deps == ["eval-lml-0", "eval-lml-1"]
+    sweep_eval = by["sweep-eval-tau_1.5"].command()
+    assert "shard=16/17" in sweep_eval and shard_range(3472, "16/17").start >= 1000  # disjoint from the eval users
+    ev = by["eval-lml-1"].command()
+    assert {"subset=1000", "shard=1/2", "save_w=true", f"run_dir={tmp_path / 'train' / 'lml'}"} <= set(ev)
+    assert "subset=1000" in by["eval-popularity"].command() and "decoder=popularity" in by["eval-popularity"].command()
+    sweep = by["sweep-tau_2.5"].command()
+    assert {"experiment=compare_cpu", "loss=msl", "loss.tau=2.5", "data.train_subset=256"} <= set(sweep)
+    (tmp_path / "train" / "lml" / "checkpoints").mkdir(parents=True)
+    (tmp_path / "train" / "lml" / "checkpoints" / "last.ckpt").write_bytes(b"")
+    assert by["train-lml"].command()[-1] == f"resume={tmp_path / 'train' / 'lml'}"
