@@ -33,7 +33,7 @@ def run(module: str, overrides: list[str], name: str, stamp: str) -> tuple[Path,
     """Run ``python -m <module>`` (a Hydra app) in outputs/demo/<stamp>/<name>; return (folder, seconds)."""
     run_dir = PROJECT_ROOT / "outputs" / "demo" / stamp / name
     cmd = [sys.executable, "-m", module, *overrides, f"hydra.run.dir={run_dir}"]
-    print("$", " ".join(cmd[1:]), flush=True)
+    print("$ python", " ".join(cmd[1:]), flush=True)
     t0 = time.time()
     subprocess.run(cmd, check=True, cwd=PROJECT_ROOT)
     return run_dir, time.time() - t0

@@ -311,8 +311,9 @@ def write_report(roots: list[Path], out: Path) -> Path:
     out.mkdir(parents=True, exist_ok=True)
     plots = plot_all(runs, out)
     parts = ["# Results", "", f"{len(runs)} runs from {', '.join(str(r) for r in roots)}.", "",
-             ("Validation metrics of each run's checkpoint with the best NDCG@5 (in parentheses: "
-              "relative change against LML)."), "", results_table(runs), ""]
+             ("Metrics of each evaluation (msl-rec-eval: its split and users)" if all(r["predictions"] for r in runs)
+              else "Validation metrics of each run's checkpoint with the best NDCG@5")
+             + " (in parentheses: relative change against LML).", "", results_table(runs), ""]
     comparisons = paired_comparisons(runs)
     if comparisons:
         parts += [f"## Paired comparison with {BASE} (same users)", "",

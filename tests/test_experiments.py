@@ -272,3 +272,15 @@ def test_compare_cpu_plan(tmp_path):
     (tmp_path / "train" / "lml" / "checkpoints").mkdir(parents=True)
     (tmp_path / "train" / "lml" / "checkpoints" / "last.ckpt").write_bytes(b"")
     assert by["train-lml"].command()[-1] == f"resume={tmp_path / 'train' / 'lml'}"
+
+
+@pytest.mark.slow
+def test_demo_end_to_end_tiny(cli):
+    """make demo on the tiny backbone: one table, zero-shot / trained / popularity on the same users."""
+    proc = cli("experiments.demo", "backbone=tiny_llama", "data.train_subset=8", "data.valid_subset=4",
+               "optim.global_batch_size=4", "optim.warmup_steps=1", timeout=900)
+    out = proc.stdout
+    assert "4 validation users (the same for every row)" in out
+    for row in ("MSL+ATS, 8 rows", "zero-shot (untrained)", "popularity"):
+        assert any(line.startswith(row) and line.rstrip().split()[-2].endswith("/4") for line in out.splitlines()), row
+    assert "target_logp" in out
