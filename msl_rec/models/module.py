@@ -250,15 +250,19 @@ class RecLitModule(L.LightningModule):
                              num_sequences=S, valid_ids=valid_ids, ref_logps=ref_logps)
 
     @torch.no_grad()
-    def valid_weights(self, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
-        """(N,) ``w = 1 - P_valid(y)`` at every response position of ``batch`` (Fig. 5), float32.
+    def valid_weights(self, batch: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """The paper's w (Eq. 7 / 10, Fig. 5) at every response position of ``batch``, tau 1, float32.
 
-        Full-vocabulary logits are formed for the response positions only.
+        Returns (N,) tensors: ``w_lml`` = 1 - P(y) under the full softmax, ``w_msl`` = 1 - P_valid(y)
+        under the softmax over the position's valid set (0 where it holds one token), ``num_valid``
+        = the valid-set size. Full-vocabulary logits are formed for the response positions only.
         """
-        from msl_rec.losses.functional import valid_probability
+        from msl_rec.losses.functional import positive_weight
 
         rb = self.response_batch({k: v for k, v in batch.items() if not k.startswith("neg_")})
-        return 1.0 - valid_probability(rb.hidden @ rb.weight.t(), rb.valid_ids)
+        logits = rb.hidden @ rb.weight.t()
+        return {"w_lml": positive_weight(logits, rb.labels), "w_msl": positive_weight(logits, rb.labels, rb.valid_ids),
+                "num_valid": (rb.valid_ids >= 0).sum(1)}
 
     # ------------------------------------------------------------------ steps
     def training_step(self, batch: Mapping[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
