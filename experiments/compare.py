@@ -123,7 +123,9 @@ def merge_w(shards: list[Path], out: Path) -> None:
     npz = [s / "w_values.npz" for s in shards if (s / "w_values.npz").is_file()]
     if npz:
         parts = [np.load(p) for p in npz]
-        np.savez(out / "w_values.npz", **{k: np.concatenate([z[k] for z in parts]) for k in parts[0].files})
+        # per-position arrays are concatenated; scalars (the tau the weights were taken at) kept once
+        np.savez(out / "w_values.npz", **{k: np.concatenate([z[k] for z in parts]) if parts[0][k].ndim else parts[0][k]
+                                          for k in parts[0].files})
     elif all((s / "w_values.npy").is_file() for s in shards) and shards:
         np.save(out / "w_values.npy", np.concatenate([np.load(s / "w_values.npy") for s in shards]))
 

@@ -90,10 +90,13 @@ def load_run(run: Path) -> dict:
 
 def load_w(run: Path) -> dict[str, np.ndarray] | None:
     """Fig. 5 values of an evaluation: ``{"w_lml": 1 - P(y), "w_msl": 1 - P_valid(y)}`` per response
-    position (``w_values.npz``); an older ``w_values.npy`` holds ``w_msl`` alone."""
+    position with more than one valid token (``w_values.npz``); an older ``w_values.npy`` holds
+    ``w_msl`` alone."""
     if (run / "w_values.npz").is_file():
         with np.load(run / "w_values.npz") as z:
             w = {k: z[k] for k in ("w_lml", "w_msl") if k in z.files}
+            if "num_valid" in z.files:  # positions with one valid token have w_msl = 0 by construction
+                w = {k: v[z["num_valid"] > 1] for k, v in w.items()}
         if not w:
             raise ValueError(f"{run / 'w_values.npz'}: neither w_lml nor w_msl in it (keys: {z.files})")
         return w

@@ -86,7 +86,8 @@ def _fake_eval(run: Path, ranks: list[int], logp: list[float] | None = None, fir
         metrics["target_logp"] = float(np.mean(logp))
     (run / "metrics.json").write_text(json.dumps(metrics))
     rng = np.random.default_rng(len(ranks))
-    np.savez(run / "w_values.npz", w_lml=rng.random(50), w_msl=rng.random(50) ** 2)
+    np.savez(run / "w_values.npz", w_lml=rng.random(50), w_msl=rng.random(50) ** 2, num_valid=rng.integers(1, 4, 50),
+             tau=np.float64(1.0))
 
 
 def test_report_tables_and_plots(tmp_path):
@@ -284,3 +285,18 @@ def test_demo_end_to_end_tiny(cli):
     for row in ("MSL+ATS, 8 rows", "zero-shot (untrained)", "popularity"):
         assert any(line.startswith(row) and line.rstrip().split()[-2].endswith("/4") for line in out.splitlines()), row
     assert "target_logp" in out
+
+
+def test_compare_merges_the_shards_w_values(tmp_path):
+    import numpy as np
+
+    from experiments.compare import merge_w
+
+    for i in range(2):
+        (tmp_path / str(i)).mkdir()
+        np.savez(tmp_path / str(i) / "w_values.npz", w_lml=np.full(3, i), w_msl=np.full(3, 10 + i),
+                 num_valid=np.full(3, 2), tau=np.float64(1.0))
+    merge_w([tmp_path / "0", tmp_path / "1"], tmp_path)
+    with np.load(tmp_path / "w_values.npz") as z:
+        assert z["w_lml"].tolist() == [0, 0, 0, 1, 1, 1] and z["w_msl"].tolist() == [10] * 3 + [11] * 3
+        assert float(z["tau"]) == 1.0 and len(z["num_valid"]) == 6
