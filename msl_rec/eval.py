@@ -185,6 +185,9 @@ def evaluate_app(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
     model, device = None, "cpu"
     if getattr(decoder, "needs_model", True):
         if cfg.get("ckpt_path"):
+            from msl_rec.models.checkpoint import check_checkpoint_backbone
+
+            check_checkpoint_backbone(cfg.ckpt_path, cfg.backbone)
             module = RecLitModule.load_from_checkpoint(cfg.ckpt_path, map_location="cpu")
             log.info("loaded %s", cfg.ckpt_path)
         else:

@@ -123,8 +123,13 @@ def train(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
     if cfg.get("seed") is not None:
         L.seed_everything(int(cfg.seed), workers=True)
 
+    sft_ckpt = OmegaConf.select(cfg, "sdpo.sft_ckpt")
     module = RecLitModule(backbone=_plain(cfg.backbone), loss=_plain(cfg.loss), optim=_plain(cfg.optim),
-                          decoder=_plain(cfg.get("decoder")), top_k=list(cfg.get("top_k", [1, 5, 10])))
+                          decoder=_plain(cfg.get("decoder")), top_k=list(cfg.get("top_k", [1, 5, 10])),
+                          sft_ckpt=sft_ckpt)
+    if module.loss.needs_reference and not sft_ckpt:
+        log.warning("%s without sdpo.sft_ckpt: the reference is the bare base model, not an SFT model "
+                    "(the paper starts S-DPO from an LML checkpoint)", cfg.loss._target_)
     _, _, dm = build_data(cfg, num_negatives=int(getattr(module.loss, "num_negatives", 0)))
 
     callbacks = instantiate_callbacks(cfg.get("callbacks"))
@@ -146,7 +151,11 @@ def train(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
     objects = {"cfg": cfg, "datamodule": dm, "model": module, "trainer": trainer}
     log_hyperparameters(cfg, trainer, module)
 
-    trainer.fit(module, datamodule=dm, ckpt_path=cfg.get("ckpt_path"))
+    if cfg.get("ckpt_path"):
+        from msl_rec.models.checkpoint import read_checkpoint
+
+        read_checkpoint(cfg.ckpt_path)  # a bad or unsafe file: an error naming it, before training starts
+    trainer.fit(module, datamodule=dm, ckpt_path=cfg.get("ckpt_path"), weights_only=True)
     metrics = {k: (v.item() if hasattr(v, "item") else v) for k, v in trainer.callback_metrics.items()}
     # the sweep objective is the selected (best) epoch's, not the last epoch's
     for cb in trainer.callbacks:

@@ -27,12 +27,13 @@ def test_one_step_with_each_loss(compose_train, loss):
 
 
 def test_checkpoint_keeps_adapter_and_reloads_to_identical_logits(compose_train, tmp_path):
-    cfg = compose_train("loss=msl_ats", "debug=fdr", "logger=none")
+    # warm-up 0: the one step runs at the full lr (a warm-up's first step runs at lr 0, as in HF)
+    cfg = compose_train("loss=msl_ats", "debug=fdr", "logger=none", "optim.warmup_steps=0")
     _, objects = train(cfg)
     trainer, module, dm = objects["trainer"], objects["model"], objects["datamodule"]
     ckpt = tmp_path / "step1.ckpt"
     trainer.save_checkpoint(ckpt)
-    state = torch.load(ckpt, weights_only=False)["state_dict"]
+    state = torch.load(ckpt, weights_only=True)["state_dict"]
     assert state and all("lora_" in k or k.startswith("loss.") for k in state)
     assert any(k.startswith("loss.") for k in state)  # the ATS EMA of tau travels with the adapter
 
@@ -54,9 +55,10 @@ def test_sdpo_starts_from_an_lml_checkpoint(compose_train, tmp_path):
     _, objects = train(compose_train("loss=lml", "debug=fdr", out=tmp_path / "sft"))
     sft = tmp_path / "sft.ckpt"
     objects["trainer"].save_checkpoint(sft)
-    cfg = compose_train("loss=sdpo", "debug=fdr", f"loss.sft_ckpt={sft}", out=tmp_path / "dpo")
+    cfg = compose_train("experiment=books_sdpo", "debug=fdr", f"sdpo.sft_ckpt={sft}", out=tmp_path / "dpo")
     assert cfg.optim.lr == pytest.approx(1e-5)  # the S-DPO recipe's lr
     metrics, objects = train(cfg)
+    assert objects["model"].hparams.sft_ckpt == str(sft)
     # policy == reference at the first step: S-DPO = -log sigmoid(-log sum_j e^0) = log(1 + 3 negatives)
     assert metrics["train/loss_step"] == pytest.approx(math.log(4), abs=1e-4)
 

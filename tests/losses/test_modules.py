@@ -260,4 +260,4 @@ def test_configs_instantiate():
     assert float(ats.tau_ema) == 1.5 and ats.ema == 0.05 and ats.eta == 0.25
     assert (ats.tau_min, ats.tau_max) == (1.5, 5.0)
     sdpo = built["sdpo"]
-    assert (sdpo.beta, sdpo.num_negatives) == (1.0, 3)
+    assert (sdpo.beta, sdpo.num_negatives) == (1.0, 3)  # the recipe lives in experiment=books_sdpo
