@@ -16,6 +16,7 @@ Predictions are appended to ``predictions.jsonl`` batch by batch: the same comma
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import logging
 from pathlib import Path
@@ -101,46 +102,154 @@ def shard_range(n_rows: int, shard: str | None) -> range:
 
 
 def eval_key(cfg: DictConfig, rows: range) -> dict[str, Any]:
-    """What decides an evaluation's predictions; a resumed run must have the same key."""
+    """What decides an evaluation's predictions; a resumed run must have the same key, and merged
+    evaluations the same key but for ``rows``."""
     def sha1(path) -> str:
         return hashlib.sha1(Path(path).read_bytes()).hexdigest()
 
     split_file = cfg.dataset.get(f"{cfg.split}_file")
     return {"split": cfg.split, "file": str(split_file), "file_sha1": sha1(split_file), "rows": [rows.start, rows.stop],
             "ckpt_path": cfg.get("ckpt_path"), "backbone": cfg.backbone.get("name"),
-            "decoder": OmegaConf.to_container(cfg.decoder, resolve=True), "item_file_sha1": sha1(cfg.dataset.item_file)}
+            "decoder": OmegaConf.to_container(cfg.decoder, resolve=True), "item_file_sha1": sha1(cfg.dataset.item_file),
+            "scoring": OmegaConf.to_container(cfg.scoring, resolve=True) if cfg.get("scoring") else None}
 
 
-def resume_predictions(out_dir: Path, key: dict[str, Any], resume: bool) -> list[dict]:
-    """Prediction rows already written to ``out_dir`` by the same evaluation (``[]`` to start over)."""
+def check_predictions(files: list[Path], expected: dict[int, tuple[int, int]]) -> dict[int, dict]:
+    """Prediction rows of ``files`` by split row, checked against the split: ``expected[row] =
+    (user_id, target_id)``. A duplicated row, a row outside ``expected``, a user or target that is not
+    the split's at that row, or (in ``predictions.jsonl``, always written in row order) a row out of
+    order is an error naming the file and line. A torn last line (a kill mid-write) is dropped."""
     from msl_rec.decoding import load_predictions
 
+    seen: dict[int, tuple[Path, int]] = {}
+    out: dict[int, dict] = {}
+    for path in files:
+        last = -1
+        for line, p in enumerate(load_predictions(path), start=1):
+            where = f"{path}: line {line}"
+            if "row" not in p:
+                raise ValueError(f"{where} has no 'row' (written by an older msl-rec); rerun with resume=false")
+            row = int(p["row"])
+            if row in seen:
+                raise ValueError(f"{where}: row {row} again (first at {seen[row][0]}: line {seen[row][1]}); "
+                                 "the file was edited or appended twice; rerun with resume=false")
+            if row not in expected:
+                raise ValueError(f"{where}: row {row} is not one of this evaluation's rows")
+            if (int(p["user_id"]), int(p["target_id"])) != expected[row]:
+                raise ValueError(f"{where}: row {row} has user {p['user_id']} / target {p['target_id']} but the "
+                                 f"split has user {expected[row][0]} / target {expected[row][1]} there")
+            if path.name == "predictions.jsonl" and row < last:
+                raise ValueError(f"{where}: row {row} after row {last} (out of order); rerun with resume=false")
+            last = row
+            seen[row] = (path, line)
+            out[row] = p
+    return out
+
+
+def fold_predictions(out_dir: Path, expected: dict[int, tuple[int, int]]) -> list[dict]:
+    """Fold ``predictions.jsonl`` and any per-rank part files into one checked ``predictions.jsonl``
+    in row order (a temporary file renamed over it, so a kill never loses what was written)."""
+    from msl_rec.decoding.engine import PART_GLOB
+    from msl_rec.decoding.evaluate import write_atomic
+
+    main = out_dir / "predictions.jsonl"
+    parts = sorted(out_dir.glob(PART_GLOB))
+    done = check_predictions(([main] if main.is_file() else []) + parts, expected)
+    rows = [done[r] for r in sorted(done)]
+    write_atomic(main, "".join(json.dumps(p) + "\n" for p in rows))
+    for part in parts:
+        part.unlink()
+    return rows
+
+
+def resume_predictions(out_dir: Path, key: dict[str, Any], resume: bool, expected: dict[int, tuple[int, int]],
+                       write: bool = True) -> list[dict]:
+    """Prediction rows already written to ``out_dir`` by the same evaluation (``[]`` to start over).
+
+    Only ``write=True`` (rank 0) touches the folder: it checks and folds the saved rows and writes
+    ``eval_key.json``; the other ranks read what rank 0 left.
+    """
+    from msl_rec.decoding.engine import PART_GLOB
+    from msl_rec.decoding.evaluate import write_atomic
+
     pred_file, key_file = out_dir / "predictions.jsonl", out_dir / "eval_key.json"
-    done: list[dict] = []
-    if resume and pred_file.is_file():
+    saved_any = pred_file.is_file() or any(out_dir.glob(PART_GLOB))
+    if not write:
+        return fold_predictions_readonly(out_dir, expected) if resume and saved_any else []
+    out_dir.mkdir(parents=True, exist_ok=True)
+    if resume and saved_any:
         saved = json.loads(key_file.read_text()) if key_file.is_file() else None
         if saved != key:
             raise ValueError(f"{pred_file} was written by a different evaluation ({key_file} differs or is "
                              "missing); use another hydra.run.dir= or resume=false to overwrite it")
-        done = load_predictions(pred_file)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    key_file.write_text(json.dumps(key, indent=1) + "\n")
-    with open(pred_file, "w", encoding="utf-8") as f:  # rewritten without a torn last line, if any
-        f.writelines(json.dumps(p) + "\n" for p in done)
+        done = fold_predictions(out_dir, expected)
+    else:
+        for f in [pred_file, *out_dir.glob(PART_GLOB)]:
+            f.unlink(missing_ok=True)
+        done = []
+    write_atomic(key_file, json.dumps(key, indent=1) + "\n")
     return done
+
+
+def fold_predictions_readonly(out_dir: Path, expected: dict[int, tuple[int, int]]) -> list[dict]:
+    from msl_rec.decoding.engine import PART_GLOB
+
+    main = out_dir / "predictions.jsonl"
+    files = ([main] if main.is_file() else []) + sorted(out_dir.glob(PART_GLOB))
+    return list(check_predictions(files, expected).values())
+
+
+def check_mergeable(folders: list[Path]) -> list[tuple[int, int]]:
+    """The row ranges of evaluations that may be merged: same eval key but for ``rows``, no
+    overlapping rows (an error), gaps only warned about. Returns the ranges in folder order."""
+    keys = []
+    for f in folders:
+        key_file = f / "eval_key.json"
+        if not key_file.is_file():
+            raise FileNotFoundError(f"merge: {key_file} does not exist (not an msl-rec-eval folder)")
+        keys.append(json.loads(key_file.read_text()))
+    base = {k: v for k, v in keys[0].items() if k != "rows"}
+    for f, key in zip(folders[1:], keys[1:]):
+        other = {k: v for k, v in key.items() if k != "rows"}
+        if other != base:
+            diff = sorted(k for k in set(base) | set(other) if base.get(k) != other.get(k))
+            raise ValueError(f"merge: {f} is a different evaluation from {folders[0]} (eval_key.json differs in "
+                             f"{', '.join(diff)}); only shards of one evaluation can be merged")
+    ranges = [tuple(k["rows"]) for k in keys]
+    order = sorted(range(len(folders)), key=lambda i: ranges[i])
+    for a, b in itertools.pairwise(order):
+        if ranges[b][0] < ranges[a][1]:
+            raise ValueError(f"merge: rows {list(ranges[a])} of {folders[a]} and {list(ranges[b])} of {folders[b]} "
+                             "overlap; users would be counted twice")
+    gaps = [(ranges[a][1], ranges[b][0]) for a, b in itertools.pairwise(order) if ranges[b][0] > ranges[a][1]]
+    if gaps:
+        log.warning("merge: rows %s are in none of the merged evaluations",
+                    ", ".join(f"[{lo}, {hi})" for lo, hi in gaps))
+    return ranges
 
 
 def merge_app(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
     """``merge=[dir, ...]``: one predictions.jsonl and metrics.json over several evaluations."""
     from msl_rec.decoding import merge_predictions
+    from msl_rec.decoding.evaluate import write_atomic
 
     folders = [Path(f) for f in cfg.merge]
     for f in folders:
         if not (f / "predictions.jsonl").is_file():
             raise FileNotFoundError(f"merge: {f / 'predictions.jsonl'} does not exist")
+    ranges = check_mergeable(folders)
     result = merge_predictions(folders, top_k=tuple(cfg.top_k))
+    for f, (lo, hi) in zip(folders, ranges):
+        n = sum(1 for p in result.predictions if lo <= p.get("row", -1) < hi)
+        if n != hi - lo:
+            raise ValueError(f"merge: {f} holds {n} of its {hi - lo} rows [{lo}, {hi}); finish it first "
+                             "(rerun its command: it resumes)")
     out_dir = Path(cfg.paths.output_dir)
     result.save(out_dir)
+    key = json.loads((folders[0] / "eval_key.json").read_text())
+    key["rows"] = sorted([list(r) for r in ranges])
+    key["merged_from"] = [str(f) for f in folders]
+    write_atomic(out_dir / "eval_key.json", json.dumps(key, indent=1) + "\n")
     line = f"merged {len(folders)} {cfg.split} n={len(result.predictions)}  " + format_table(result.metrics)
     print(line)
     (out_dir / "summary.txt").write_text(line + "\n")
@@ -152,17 +261,48 @@ def format_table(metrics: dict[str, float]) -> str:
     return "  ".join(f"{k} {metrics[k]:.4f}" for k in keys)
 
 
+def eval_trainer(cfg: DictConfig, callbacks: list) -> L.Trainer:
+    """A Trainer for ``predict`` from ``cfg.trainer`` (``trainer=ddp_sim``, ``trainer.devices=N``):
+    no logger, no checkpoints; the model's own dtype unless ``trainer.precision`` names one."""
+    tcfg = OmegaConf.to_container(cfg.trainer, resolve=True)
+    tcfg["precision"] = tcfg.get("precision") or "32-true"
+    if cfg.get("device", "auto") == "cpu":
+        tcfg["accelerator"] = "cpu"
+    strategy = tcfg.get("strategy")
+    if isinstance(strategy, dict):
+        if "FSDP" in str(strategy.get("_target_", "")):
+            raise ValueError("msl-rec-eval: FSDP is for training; evaluate with trainer=ddp (each rank holds the model)")
+        tcfg["strategy"] = hydra.utils.instantiate(strategy)
+    return hydra.utils.instantiate(tcfg, callbacks=callbacks, logger=False, enable_checkpointing=False,
+                                   inference_mode=False, _convert_="partial")
+
+
+def global_rank() -> int:
+    """This process's rank, known before the Trainer exists (Lightning's launchers set the env)."""
+    from lightning.fabric.utilities.rank_zero import rank_zero_only
+
+    return int(getattr(rank_zero_only, "rank", 0))
+
+
+def length_sorted_batches(rows: list[int], prompt_len: list[int], batch_size: int) -> list[list[int]]:
+    """``rows`` grouped into batches of similar prompt length (less left padding); ties by row."""
+    order = sorted(rows, key=lambda r: (prompt_len[r], r))
+    return [order[i: i + batch_size] for i in range(0, len(order), batch_size)]
+
+
 @task_wrapper
 def evaluate_app(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
-    from msl_rec.decoding import build_decoder, evaluate
-    from msl_rec.metrics import compute_metrics
+    from msl_rec.decoding import build_decoder, needs_train_targets
+    from msl_rec.decoding.engine import BatchList, EvalPredictor, PredictionWriter
+    from msl_rec.decoding.evaluate import EvalResult, summarize, write_atomic
+    from msl_rec.decoding.scoring import TargetScorer
     from msl_rec.models.module import RecLitModule
     from msl_rec.train import build_data
 
     if cfg.get("merge"):
         return merge_app(cfg)
     if cfg.get("run_dir"):
-        cfg = apply_run_dir(cfg)
+        cfg = apply_run_dir(cfg)  # a folder that is not a run: an error naming the missing config
     L.seed_everything(int(cfg.seed), workers=True)
     split = cfg.split
     if split not in ("valid", "test"):
@@ -171,18 +311,28 @@ def evaluate_app(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
         with open_dict(cfg):
             cfg.data[f"{split}_subset"] = cfg.subset
     _, catalog, dm = build_data(cfg)
-    dm.setup("fit" if split == "valid" else "test")
-    if split == "valid":
-        dm.setup("validate")
-    rows = shard_range(len(dm.eval_dataloader(split).dataset), cfg.get("shard"))
+    dm.setup("validate" if split == "valid" else "test")
+    if needs_train_targets(cfg.decoder):  # popularity counts the training targets, whatever the split
+        if not cfg.dataset.get("train_file"):
+            raise ValueError(f"decoder={cfg.decoder.name} needs dataset.train_file (it ranks by training targets)")
+        dm.setup("fit")
+    dataset = dm.eval_dataloader(split).dataset
+    n_split = len(dataset)
+    rows = shard_range(n_split, cfg.get("shard"))
+    if len(rows) == 0:
+        raise ValueError(f"shard={cfg.get('shard')} selects no rows of the {n_split} {split} rows (n=0): "
+                         "use fewer shards")
+    expected = {r: (dataset.encoded[r].sample.user_id, dataset.encoded[r].sample.target) for r in rows}
     out_dir = Path(cfg.paths.output_dir)
-    done = resume_predictions(out_dir, eval_key(cfg, rows), bool(cfg.get("resume", True)))
+    rank = global_rank()
+    done = resume_predictions(out_dir, eval_key(cfg, rows), bool(cfg.get("resume", True)), expected,
+                              write=rank == 0)
     if done:
         log.info("resuming: %d of %d users already in %s", len(done), len(rows), out_dir / "predictions.jsonl")
     decoder = build_decoder(OmegaConf.to_container(cfg.decoder, resolve=True), catalog,
                             train_targets=dm.train_targets or None)
 
-    model, device = None, "cpu"
+    model, module = None, None
     if getattr(decoder, "needs_model", True):
         if cfg.get("ckpt_path"):
             from msl_rec.models.checkpoint import check_checkpoint_backbone
@@ -195,25 +345,36 @@ def evaluate_app(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
                                   loss=OmegaConf.to_container(cfg.loss, resolve=True))
             module.configure_model()
             log.info("zero-shot backbone %s", cfg.backbone.name)
-        device = "cuda" if torch.cuda.is_available() and cfg.get("device", "auto") != "cpu" else "cpu"
-        model = module.model.to(device).eval()
+        model = module.model.eval()
+    scoring = OmegaConf.to_container(cfg.scoring, resolve=True) if cfg.get("scoring") else None
+    scorer = TargetScorer.for_decoder(decoder, catalog, scoring) if model is not None else None
+
+    # decode the rows not yet written, in batches of similar prompt length (keyed by row, so the
+    # order changes nothing in the results); on N processes each rank takes every N-th batch
+    done_rows = {p["row"] for p in done}
+    prompt_len = {r: len(dataset.encoded[r].prompt_ids) for r in rows}
+    todo = length_sorted_batches([r for r in rows if r not in done_rows], prompt_len, dm.eval_batch_size)
+    predictor = EvalPredictor(decoder, model, catalog, scorer)
+    trainer = eval_trainer(cfg, [PredictionWriter(out_dir, todo)])
+    if todo:
+        trainer.predict(predictor, dataloaders=BatchList(dm, split, todo).loader(), return_predictions=False)
+        trainer.strategy.barrier("predictions written")
+    if not trainer.is_global_zero:
+        return {}, {}
+    predictions = fold_predictions(out_dir, expected)
+    if len(predictions) != len(rows):
+        missing = sorted(set(rows) - {p["row"] for p in predictions})
+        raise RuntimeError(f"{out_dir / 'predictions.jsonl'}: {len(missing)} of {len(rows)} rows have no prediction "
+                           f"(first: {missing[:5]}); rerun the same command to resume")
+    result = EvalResult(metrics=summarize(predictions, tuple(cfg.top_k)), predictions=predictions,
+                        ranks=np.asarray([p["rank"] for p in predictions], dtype=np.int64))
+    write_atomic(out_dir / "metrics.json", json.dumps(result.metrics, indent=2) + "\n")
+    device = predictor.device
 
     def batches(row_range: range):
         for b in dm.eval_dataloader(split, row_range):
             yield {k: v.to(device) if torch.is_tensor(v) else v for k, v in b.items()}
 
-    todo = range(rows.start + len(done), rows.stop)
-    with open(out_dir / "predictions.jsonl", "a", encoding="utf-8") as f:
-        def append(new_rows: list[dict]) -> None:
-            f.writelines(json.dumps(p) + "\n" for p in new_rows)
-            f.flush()
-
-        result = evaluate(decoder, model, batches(todo), catalog, top_k=tuple(cfg.top_k), progress=True,
-                          on_batch=append, total=-(-len(todo) // dm.eval_batch_size))
-    result.predictions = done + result.predictions
-    result.ranks = np.asarray([p["rank"] for p in result.predictions], dtype=np.int64)
-    result.metrics = compute_metrics(result.ranks, tuple(cfg.top_k))
-    (out_dir / "metrics.json").write_text(json.dumps(result.metrics, indent=2) + "\n", encoding="utf-8")
     if cfg.get("save_w") and model is not None:
         # Fig. 5: the paper's w at the positive token, per response position of the evaluated users,
         # at tau 1: w_lml = 1 - P(y) (full softmax), w_msl = 1 - P_valid(y) (softmax over the valid set)

@@ -26,24 +26,23 @@ def rank_of_target(target_id: int, ranked_item_sets: Sequence[Iterable[int]]) ->
 
 
 def _ranks(ranks) -> np.ndarray:
-    return np.asarray(ranks, dtype=np.int64).reshape(-1)
+    r = np.asarray(ranks, dtype=np.int64).reshape(-1)
+    if r.size == 0:  # a mean over no users is undefined, and 0.0 would read as a real result
+        raise ValueError("no users to compute metrics over (n=0)")
+    return r
 
 
 def ndcg_at_k(ranks, k: int) -> float:
-    """Mean NDCG@k over users given their 0-based target ranks (-1 = missed); 0.0 for no users."""
+    """Mean NDCG@k over users given their 0-based target ranks (-1 = missed); no users: ValueError."""
     r = _ranks(ranks)
-    if r.size == 0:
-        return 0.0
     hit = (r >= 0) & (r < k)
     gains = np.where(hit, 1.0 / np.log2(np.where(hit, r, 0) + 2.0), 0.0)
     return float(gains.mean())
 
 
 def hit_rate_at_k(ranks, k: int) -> float:
-    """Mean HR@k (fraction of users whose target is in the top k); 0.0 for no users."""
+    """Mean HR@k (fraction of users whose target is in the top k); no users: ValueError."""
     r = _ranks(ranks)
-    if r.size == 0:
-        return 0.0
     return float(((r >= 0) & (r < k)).mean())
 
 

@@ -30,5 +30,8 @@ def test_hand_computed_values():
 
 
 def test_empty_and_all_missed():
-    assert compute_metrics([], (1,)) == {"ndcg@1": 0.0, "hr@1": 0.0}
+    # no users is an error (it used to be all zeros, indistinguishable from a useless model)
+    for fn in (lambda: compute_metrics([], (1,)), lambda: ndcg_at_k([], 1), lambda: hit_rate_at_k([], 1)):
+        with pytest.raises(ValueError, match="n=0"):
+            fn()
     assert ndcg_at_k([-1, -1], 10) == 0.0

@@ -16,11 +16,15 @@ from msl_rec.decoding.evaluate import (
     evaluate,
     load_predictions,
     merge_predictions,
+    predict_batch,
     save_eval_result,
+    summarize,
 )
+from msl_rec.decoding.scoring import TargetScorer
 
 __all__ = ["ConstrainedBeamSearch", "Decoder", "EvalResult", "PopularityRanker", "RandomRanker", "Ranking",
-           "build_decoder", "evaluate", "load_predictions", "merge_predictions", "save_eval_result"]
+           "TargetScorer", "build_decoder", "evaluate", "load_predictions", "merge_predictions",
+           "needs_train_targets", "predict_batch", "save_eval_result", "summarize"]
 
 # config name -> (class, fixed settings)
 _REGISTRY = {
@@ -34,6 +38,19 @@ _REGISTRY = {
 }
 
 
+def _lookup(cfg) -> tuple[type, dict]:
+    name = cfg.get("name")
+    key = (name or (cfg.get("_target_") or "").rsplit(".", 1)[-1]).lower()
+    if key not in _REGISTRY:
+        raise ValueError(f"decoder: unknown name {name or cfg.get('_target_')!r}; choose from {sorted(_REGISTRY)}")
+    return _REGISTRY[key]
+
+
+def needs_train_targets(cfg) -> bool:
+    """Whether the decoder a config names ranks by the training targets (popularity)."""
+    return _lookup(cfg)[0] is PopularityRanker
+
+
 def build_decoder(cfg, catalog, train_targets: Iterable[int] | None = None) -> Decoder:
     """Build the decoder a ``configs/decoder`` config names (by ``name`` or ``_target_``).
 
@@ -45,12 +62,9 @@ def build_decoder(cfg, catalog, train_targets: Iterable[int] | None = None) -> D
 
         cfg = OmegaConf.to_container(cfg, resolve=True)
     cfg = dict(cfg)
-    target = cfg.pop("_target_", None)
-    name = cfg.pop("name", None)
-    key = (name or (target or "").rsplit(".", 1)[-1]).lower()
-    if key not in _REGISTRY:
-        raise ValueError(f"decoder: unknown name {name or target!r}; choose from {sorted(_REGISTRY)}")
-    cls, fixed = _REGISTRY[key]
+    cls, fixed = _lookup(cfg)
+    cfg.pop("_target_", None)
+    cfg.pop("name", None)
     kwargs = {**fixed, **cfg}  # the name sets defaults (cbs_masked: mask=before); explicit keys win
     if "top_k" in kwargs:
         kwargs["top_k"] = tuple(kwargs["top_k"])

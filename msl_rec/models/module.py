@@ -276,13 +276,20 @@ class RecLitModule(L.LightningModule):
             loss, _ = self.loss(rb)
             self.log("val/loss", loss, on_epoch=True, sync_dist=True, batch_size=bs)
             return
+        from msl_rec.decoding.evaluate import real_rows, summarize
+
         _, evaluate = _decoding()
         dm = self.trainer.datamodule
         model = self._decoding_copy.model if self._decoding_copy is not None else self.model
         result = evaluate(decoder, model, [batch], dm.catalog, top_k=tuple(self.hparams.top_k))
-        for k, v in result.metrics.items():
-            # per-sample means, weighted by batch size across batches and ranks
-            self.log(f"val/{k}", float(v), on_epoch=True, sync_dist=True, batch_size=bs,
+        # exact means over unique users: DDP's DistributedSampler pads with duplicate rows, dropped here
+        loader = self.trainer.val_dataloaders
+        loader = loader[0] if isinstance(loader, (list, tuple)) else loader  # one validation loader
+        keep = [p for p, real in zip(result.predictions, real_rows(loader, batch_idx, bs)) if real]
+        metrics = summarize(keep, tuple(self.hparams.top_k)) if keep else dict.fromkeys(result.metrics, 0.0)
+        for k, v in metrics.items():
+            # Lightning's epoch value is sum(value * batch_size) / sum(batch_size) over batches and ranks
+            self.log(f"val/{k}", float(v), on_epoch=True, sync_dist=True, batch_size=len(keep),
                      prog_bar=k.endswith("@10"))
 
     def on_train_end(self) -> None:
