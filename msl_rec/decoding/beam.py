@@ -106,8 +106,8 @@ class ConstrainedBeamSearch(Decoder):
         shared_prompt: ``None`` (auto) reads each user's prompt KV in place from every beam through a
             custom attention function (:mod:`msl_rec.decoding.prefix_attention`) for LLaMA-family
             models, else re-gathers a full KV cache per step; ``True`` / ``False`` force either path.
-        dtype: ``"auto"`` (bf16 where the device computes it natively, see
-            :func:`~msl_rec.utils.precision.auto_dtype`), ``"float32"`` or ``"bfloat16"``. A model in
+        dtype: ``"float32"`` (the default here), ``"auto"`` (the configs' default: bf16 where the
+            device computes it natively, :func:`~msl_rec.utils.precision.auto_dtype`) or ``"bfloat16"``. A model in
             another dtype is decoded through a frozen, adapter-merged copy in this one; logits,
             log-softmax and scores are always fp32.
         share_preamble: compute the prompt start every user of a batch shares (the Alpaca header and
@@ -118,7 +118,7 @@ class ConstrainedBeamSearch(Decoder):
 
     def __init__(self, catalog, num_beams: int = 10, mask: str = "before", length_penalty: float = 1.0,
                  max_new_tokens: int = 64, early_stopping: bool | str = False,
-                 top_k: Sequence[int] = (1, 5, 10), shared_prompt: bool | None = None, dtype: str = "auto",
+                 top_k: Sequence[int] = (1, 5, 10), shared_prompt: bool | None = None, dtype: str = "float32",
                  share_preamble: bool = True):
         if mask not in MASK_MODES:
             raise ValueError(f"decoder.mask must be one of {MASK_MODES}, got {mask!r}")
