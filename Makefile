@@ -5,7 +5,7 @@ PY := .venv/bin/python
 STAMP := .venv/.installed
 
 .DEFAULT_GOAL := help
-.PHONY: help install test test-full lint bench demo report clean
+.PHONY: help install test test-full lint bench demo report compare gpu-check clean
 
 help: ## show this help
 	@grep -E '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  make %-10s %s\n", $$1, $$2}'
@@ -33,11 +33,18 @@ lint: install ## ruff over the package, experiments and tests
 bench: install ## trie, loss, decoding and training benchmarks; prints ratios measured in one run
 	$(PY) -m experiments.bench
 
-demo: install ## train MSL+ATS on SmolLM2 over a slice of Books, evaluate, compare with popularity
+demo: install ## train MSL+ATS on SmolLM2 over a slice of Books; zero-shot vs trained vs popularity, same users
 	$(PY) -m experiments.demo
+
+gpu-check: install ## on a CUDA machine (< 8 min): each loss in bf16, ddp/fsdp x1, FSDP checkpoint checks, eval users/s
+	$(PY) -m experiments.gpu_check
 
 report: install ## tables + plots from finished runs: make report SWEEP=outputs/train/multiruns/<dir>
 	$(PY) -m experiments.report $(SWEEP)
+
+PRESET ?= cpu
+compare: install ## LML vs MSL vs MSL+ATS, resumable: make compare PRESET=cpu (gpu: ARGS="--max-minutes 9", repeat)
+	$(PY) -m experiments.compare --preset $(PRESET) $(ARGS)
 
 clean: ## remove caches (keeps .venv and outputs)
 	rm -rf .pytest_cache .ruff_cache **/__pycache__

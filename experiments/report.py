@@ -5,10 +5,15 @@ app: validation metrics of the checkpoint with the best NDCG@5, as the paper rep
 grouped by their loss label (``lml``, ``msl (tau=1.5)``, ``msl_ats`` ...); several seeds give
 mean +- std. Writes into ``--out`` (default: the first folder given):
 
-- ``results.md``: Table-5-style N@5, N@10, H@5, H@10 per loss with the relative improvement over
-  LML, and Table-6/Fig-6-style NDCG@10 against tau when runs differ in tau;
+- ``results.md``: Table-5-style N@5, N@10, H@5, H@10 (and ``target_logp`` when evaluated) per loss
+  with the relative improvement over LML; the paired comparison of every model with LML on the same
+  users (evaluations with a ``predictions.jsonl``: difference, bootstrap 95% interval over users and
+  seeds, sign-flip p-value, minimum detectable effect; see :mod:`msl_rec.significance`); and
+  Table-6/Fig-6-style NDCG@10 against tau when runs differ in tau;
 - ``ndcg_vs_tau.png`` (Fig. 6), ``training_curves.png`` (loss and ATS tau over steps),
-  ``w_distribution.png`` (Fig. 5: ``w = 1 - P_valid(y)`` per response position, LML vs MSL).
+  ``w_distribution.png`` (Fig. 5: ``w = 1 - P(y)`` (LML's weight) and ``w = 1 - P_valid(y)`` (MSL's)
+  per response position, sorted descending, one pair of curves per evaluated model; from the
+  ``w_values.npz`` of ``msl-rec-eval save_w=true``).
 """
 
 from __future__ import annotations
@@ -24,6 +29,9 @@ import numpy as np
 import yaml
 
 COLUMNS = [("N@5", "ndcg@5"), ("N@10", "ndcg@10"), ("H@5", "hr@5"), ("H@10", "hr@10")]
+LOGP = ("logp", "target_logp")  # mean log-likelihood of the target title; a column when evaluated
+PAIRED = ["ndcg@10", "hr@10", "target_logp"]  # the per-user values compared with LML
+BASE = "LML"
 
 
 def find_runs(roots: list[Path]) -> list[Path]:
@@ -67,11 +75,6 @@ def load_run(run: Path) -> dict:
     for path in sorted(source.rglob("metrics.csv")):
         with open(path) as f:
             steps.extend(csv.DictReader(f))
-    w_file = next(iter(sorted(run.rglob("w_values.npy"))), None)
-    if w_file is None:  # fall back to the per-step training means of w
-        w = np.array([float(s["train/w_mean"]) for s in steps if s.get("train/w_mean")])
-    else:
-        w = np.load(w_file)
     return {
         "dir": run,
         "label": label or run_label(cfg),
@@ -80,8 +83,110 @@ def load_run(run: Path) -> dict:
         "seed": cfg.get("seed"),
         "metrics": metrics,
         "steps": steps,
-        "w": w if len(w) else None,
+        "w": load_w(run),
+        "predictions": run / "predictions.jsonl" if (run / "predictions.jsonl").is_file() else None,
     }
+
+
+def load_w(run: Path) -> dict[str, np.ndarray] | None:
+    """Fig. 5 values of an evaluation: ``{"w_lml": 1 - P(y), "w_msl": 1 - P_valid(y)}`` per response
+    position with more than one valid token (``w_values.npz``); an older ``w_values.npy`` holds
+    ``w_msl`` alone."""
+    if (run / "w_values.npz").is_file():
+        with np.load(run / "w_values.npz") as z:
+            w = {k: z[k] for k in ("w_lml", "w_msl") if k in z.files}
+            if "num_valid" in z.files:  # positions with one valid token have w_msl = 0 by construction
+                w = {k: v[z["num_valid"] > 1] for k, v in w.items()}
+        if not w:
+            raise ValueError(f"{run / 'w_values.npz'}: neither w_lml nor w_msl in it (keys: {z.files})")
+        return w
+    if (run / "w_values.npy").is_file():
+        return {"w_msl": np.load(run / "w_values.npy")}
+    return None
+
+
+def user_rows(run: dict) -> dict[int, dict]:
+    """An evaluation's users by row of the split: ``{row: {"user", "target", metric: value}}``.
+
+    The row is the prediction's ``row`` field when written, else its position plus the first row
+    of the evaluation (``eval_key.json``; 0 for merged shards, which start at row 0 of the split).
+    """
+    from msl_rec.decoding import load_predictions
+    from msl_rec.metrics import compute_metrics
+
+    path = run["predictions"]
+    key_file = path.parent / "eval_key.json"
+    start = json.loads(key_file.read_text())["rows"][0] if key_file.is_file() else 0
+    out = {}
+    for i, p in enumerate(load_predictions(path)):
+        row = int(p.get("row", start + i))
+        if row in out:
+            raise ValueError(f"{path}: row {row} appears twice")
+        values = compute_metrics([p["rank"]], (10,))
+        values = {k: values[k] for k in ("ndcg@10", "hr@10")}
+        if p.get("target_logp") is not None:
+            values["target_logp"] = float(p["target_logp"])
+        out[row] = {"user": p["user_id"], "target": p["target_id"], **values}
+    return out
+
+
+def distinct_first(run: dict) -> int | None:
+    """How many different titles an evaluation ranks first across its users (None: no predictions)."""
+    from msl_rec.decoding import load_predictions
+
+    if run["predictions"] is None:
+        return None
+    return len({tuple(sorted(p["ranked_ids"][0])) for p in load_predictions(run["predictions"]) if p["ranked_ids"]})
+
+
+def paired_comparisons(runs: list[dict]) -> list[tuple[str, object]]:
+    """Every labelled group of evaluations against LML's on the users all of them share.
+
+    Runs of one label are its seeds. Raises if two evaluations disagree on a row's user or target
+    (they evaluated different files or orders): a paired difference would be meaningless.
+    """
+    from msl_rec.significance import compare_paired
+
+    groups: dict[str, list[dict]] = defaultdict(list)
+    for r in runs:
+        if r["predictions"] is not None:
+            groups[r["label"]].append(r)
+    if BASE not in groups or len(groups) < 2:
+        return []
+    tables = {id(r): user_rows(r) for rs in groups.values() for r in rs}
+    out = []
+    for label in sorted(groups, key=lambda s: (s in ("popularity", "random") or s.startswith("zero-shot"), s)):
+        if label == BASE:
+            continue
+        both = groups[label] + groups[BASE]
+        rows = sorted(set.intersection(*(set(tables[id(r)]) for r in both)))
+        if not rows:
+            continue
+        ref = tables[id(both[0])]
+        for r in both[1:]:
+            t = tables[id(r)]
+            bad = next((i for i in rows if (t[i]["user"], t[i]["target"]) != (ref[i]["user"], ref[i]["target"])), None)
+            if bad is not None:
+                raise ValueError(f"row {bad}: {r['predictions']} has user/target {t[bad]['user']}/{t[bad]['target']}, "
+                                 f"{both[0]['predictions']} has {ref[bad]['user']}/{ref[bad]['target']}; "
+                                 "compare evaluations of the same split file")
+        for metric in PAIRED:
+            if not all(metric in tables[id(r)][i] for r in both for i in rows):
+                continue
+            vals = [[np.array([tables[id(r)][i][metric] for i in rows]) for r in g]
+                    for g in (groups[label], groups[BASE])]
+            out.append((label, compare_paired(np.stack(vals[0]), np.stack(vals[1]), metric)))
+    return out
+
+
+def paired_table(comparisons: list[tuple[str, object]]) -> str:
+    lines = [f"| model | metric | users | seeds (model, {BASE}) | model | {BASE} | difference | 95% CI | p | MDE | verdict |",
+             "| --- |" + " --- |" * 10]
+    for label, c in comparisons:
+        lines.append(f"| {label} | {c.metric} | {c.n_users} | {c.n_seeds[0]}, {c.n_seeds[1]} | {c.model_mean:.4f} | "
+                     f"{c.base_mean:.4f} | {c.diff:+.4f} | [{c.ci_low:+.4f}, {c.ci_high:+.4f}] | {c.p_value:.3g} | "
+                     f"{c.mde:.4f} | {c.verdict} |")
+    return "\n".join(lines)
 
 
 def mean_std(values: list[float]) -> tuple[float, float]:
@@ -97,16 +202,20 @@ def results_table(runs: list[dict]) -> str:
     groups: dict[str, list[dict]] = defaultdict(list)
     for r in runs:
         groups[r["label"]].append(r)
-    base = groups.get("LML")
-    lines = ["| loss | runs | " + " | ".join(c for c, _ in COLUMNS) + " |",
-             "| --- | --- | " + " | ".join("---" for _ in COLUMNS) + " |"]
-    for label in sorted(groups, key=lambda s: (s != "LML", s)):
+    base = groups.get(BASE)
+    columns = COLUMNS + ([LOGP] if any(LOGP[1] in r["metrics"] for r in runs) else [])
+    lines = ["| loss | runs | " + " | ".join(c for c, _ in columns) + " |",
+             "| --- | --- | " + " | ".join("---" for _ in columns) + " |"]
+    for label in sorted(groups, key=lambda s: (s != BASE, s)):
         rs = groups[label]
         cells = []
-        for _, key in COLUMNS:
+        for _, key in columns:
+            if not any(key in r["metrics"] for r in rs):
+                cells.append("")
+                continue
             m, s = mean_std([r["metrics"].get(key, math.nan) for r in rs])
             cell = fmt(m, s, len(rs))
-            if base and label != "LML":
+            if base and label != BASE and key != LOGP[1]:
                 b, _ = mean_std([r["metrics"].get(key, math.nan) for r in base])
                 if b > 0:
                     cell += f" ({100 * (m - b) / b:+.1f}%)"
@@ -177,19 +286,20 @@ def plot_all(runs: list[dict], out: Path) -> list[str]:
         plt.close(fig)
         made.append("training_curves.png")
 
-    # Fig. 5: distribution of w = 1 - P_valid(y)
-    ws = [(r["label"], r["w"]) for r in runs if r["w"] is not None]
+    # Fig. 5: the gradient weight w of the target token at each response position, sorted descending
+    ws = [r for r in runs if r["w"] is not None]
     if ws:
-        fig, ax = plt.subplots(figsize=(5, 3.5))
-        bins = np.linspace(0, 1, 41)
-        seen = set()
-        for label, w in ws:
-            if label in seen:
-                continue
-            seen.add(label)
-            ax.hist(w, bins=bins, alpha=0.5, density=True, label=f"{label} (mean {w.mean():.3f})")
-        ax.set(xlabel="w = 1 - P_valid(y)", ylabel="density", title="Weight on the valid set (Fig. 5)")
-        ax.legend(fontsize=8)
+        fig, ax = plt.subplots(figsize=(5.5, 3.8))
+        styles = {"w_lml": ("-", "1 - P(y)"), "w_msl": ("--", "1 - P_valid(y)")}
+        for i, r in enumerate(ws):
+            name = r["label"] + (f" s{r['seed']}" if sum(q["label"] == r["label"] for q in ws) > 1 else "")
+            for key, w in r["w"].items():
+                y = np.sort(np.asarray(w, dtype=float).ravel())[::-1]
+                ax.plot(np.linspace(0, 1, len(y)), y, styles[key][0], color=f"C{i}", lw=1.2,
+                        label=f"{name}: {styles[key][1]} (mean {y.mean():.3f})")
+        ax.set(xlabel="response positions, sorted by w (fraction)", ylabel="w",
+               title="Target-token gradient weight w (Fig. 5)", ylim=(0, 1.02))
+        ax.legend(fontsize=7)
         fig.tight_layout()
         fig.savefig(out / "w_distribution.png", dpi=110)
         plt.close(fig)
@@ -204,15 +314,26 @@ def write_report(roots: list[Path], out: Path) -> Path:
     out.mkdir(parents=True, exist_ok=True)
     plots = plot_all(runs, out)
     parts = ["# Results", "", f"{len(runs)} runs from {', '.join(str(r) for r in roots)}.", "",
-             ("Validation metrics of each run's checkpoint with the best NDCG@5 (in parentheses: "
-              "relative change against LML)."), "", results_table(runs), ""]
+             ("Metrics of each evaluation (msl-rec-eval: its split and users)" if all(r["predictions"] for r in runs)
+              else "Validation metrics of each run's checkpoint with the best NDCG@5")
+             + " (in parentheses: relative change against LML).", "", results_table(runs), ""]
+    comparisons = paired_comparisons(runs)
+    if comparisons:
+        parts += [f"## Paired comparison with {BASE} (same users)", "",
+                  (f"Per-user differences (model - {BASE}; each model's value averaged over its seeds). 95% CI: "
+                   "percentile bootstrap, resampling seeds then users (10,000 replicates). p: two-sided paired "
+                   "sign-flip permutation test of the mean difference. MDE: the smallest true difference this "
+                   "run finds with 80% power at alpha 0.05, 2.8 x sd(differences) / sqrt(users). \"no detectable "
+                   "difference\": the interval covers 0."), "", paired_table(comparisons), ""]
     tt = tau_table(runs)
     if tt:
         parts += ["## NDCG@10 against tau", "", tt, ""]
-    parts += ["## Runs", "", "| run | loss | seed | N@10 | H@10 |", "| --- | --- | --- | --- | --- |"]
+    parts += ["## Runs", "", "| run | loss | seed | N@10 | H@10 | distinct #1 titles |", "| --- |" + " --- |" * 5]
     for r in runs:
+        first = distinct_first(r)
         parts.append(f"| `{r['dir'].name}` | {r['label']} | {r['seed']} | "
-                     f"{r['metrics'].get('ndcg@10', math.nan):.4f} | {r['metrics'].get('hr@10', math.nan):.4f} |")
+                     f"{r['metrics'].get('ndcg@10', math.nan):.4f} | {r['metrics'].get('hr@10', math.nan):.4f} | "
+                     f"{'' if first is None else first} |")
     parts += [""] + [f"![{p}]({p})" for p in plots]
     path = out / "results.md"
     path.write_text("\n".join(parts) + "\n")

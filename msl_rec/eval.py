@@ -38,19 +38,46 @@ RUN_KEYS = ("dataset", "backbone", "loss", "seed")
 
 
 def best_checkpoint(run_dir: Path) -> Path:
+    """The checkpoint a training run selected by its ``monitor`` metric (not by file name).
+
+    Read from the run's ``metrics.json`` (``best_ckpt``, written when the fit ends); for a run that
+    did not finish, from the monitored ``ModelCheckpoint`` state inside ``checkpoints/last.ckpt``;
+    with no validation yet, ``last.ckpt`` itself (with a warning). No checkpoint: a clear error.
+    """
     ckpts = run_dir / "checkpoints"
-    best = sorted(p for p in ckpts.glob("*.ckpt") if p.name != "last.ckpt")
-    if best:
-        return best[-1]
-    if (ckpts / "last.ckpt").is_file():
-        return ckpts / "last.ckpt"
-    raise FileNotFoundError(f"run_dir={run_dir}: no checkpoint under {ckpts}")
+    metrics_file = run_dir / "metrics.json"
+    if metrics_file.is_file():
+        best = json.loads(metrics_file.read_text()).get("best_ckpt")
+        if best:
+            path = run_dir / best if not Path(best).is_absolute() else Path(best)
+            if not path.is_file():
+                raise FileNotFoundError(f"run_dir={run_dir}: {metrics_file} names best_ckpt={best}, which does not "
+                                        "exist; pass ckpt_path= explicitly")
+            return path
+    last = ckpts / "last.ckpt"
+    if not last.is_file():
+        raise FileNotFoundError(f"run_dir={run_dir}: no checkpoint (neither best_ckpt in metrics.json nor "
+                                f"{last}); was the run trained? pass ckpt_path= explicitly")
+    state = torch.load(last, map_location="cpu", weights_only=True).get("callbacks", {})
+    for key, cb in state.items():
+        if key.startswith("ModelCheckpoint") and cb.get("monitor") and cb.get("best_model_path"):
+            path = Path(cb["best_model_path"])
+            path = path if path.is_file() else ckpts / path.name  # the run folder may have moved
+            if path.is_file():
+                log.info("run_dir: best checkpoint by %s: %s", cb["monitor"], path)
+                return path
+    log.warning("run_dir=%s: no validated best checkpoint recorded; evaluating %s", run_dir, last)
+    return last
 
 
 def apply_run_dir(cfg: DictConfig) -> DictConfig:
-    """Take dataset/backbone/loss from ``cfg.run_dir``'s saved config, and its checkpoint."""
+    """Take dataset/backbone/loss from ``cfg.run_dir``'s saved config, and its best checkpoint."""
     run_dir = Path(cfg.run_dir)
-    saved = OmegaConf.load(run_dir / ".hydra" / "config.yaml")
+    saved_file = run_dir / ".hydra" / "config.yaml"
+    if not saved_file.is_file():
+        raise FileNotFoundError(f"run_dir={run_dir}: no {saved_file} (not a msl-rec-train run folder); "
+                                "give a folder under outputs/train/runs/ or ckpt_path=")
+    saved = OmegaConf.load(saved_file)
     with open_dict(cfg):
         for key in RUN_KEYS:
             if key in saved:
@@ -158,6 +185,9 @@ def evaluate_app(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
     model, device = None, "cpu"
     if getattr(decoder, "needs_model", True):
         if cfg.get("ckpt_path"):
+            from msl_rec.models.checkpoint import check_checkpoint_backbone
+
+            check_checkpoint_backbone(cfg.ckpt_path, cfg.backbone)
             module = RecLitModule.load_from_checkpoint(cfg.ckpt_path, map_location="cpu")
             log.info("loaded %s", cfg.ckpt_path)
         else:
@@ -185,11 +215,16 @@ def evaluate_app(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
     result.metrics = compute_metrics(result.ranks, tuple(cfg.top_k))
     (out_dir / "metrics.json").write_text(json.dumps(result.metrics, indent=2) + "\n", encoding="utf-8")
     if cfg.get("save_w") and model is not None:
-        # Fig. 5: w = 1 - P_valid(y) at every response position of the evaluated users
+        # Fig. 5: the paper's w at the positive token, per response position of the evaluated users,
+        # at tau 1: w_lml = 1 - P(y) (full softmax), w_msl = 1 - P_valid(y) (softmax over the valid set)
         with torch.no_grad():
-            w = torch.cat([module.valid_weights(b) for b in batches(rows)]).cpu().numpy()
-        np.save(out_dir / "w_values.npy", w)
-        log.info("w = 1 - P_valid: mean %.4f over %d response positions", float(w.mean()), len(w))
+            parts = [module.valid_weights(b) for b in batches(rows)]
+        w = {k: torch.cat([p[k] for p in parts]).cpu().numpy() for k in ("w_lml", "w_msl", "num_valid")}
+        np.savez(out_dir / "w_values.npz", **w, tau=np.float64(1.0))
+        multi = w["num_valid"] > 1
+        log.info("w at tau 1 over %d response positions with > 1 valid token: LML (1 - P) mean %.4f, "
+                 "MSL (1 - P_valid) mean %.4f", int(multi.sum()), float(w["w_lml"][multi].mean()),
+                 float(w["w_msl"][multi].mean()))
     metrics = {f"{split}/{k}": float(v) for k, v in result.metrics.items()}
 
     from msl_rec.utils.logging_utils import instantiate_loggers

@@ -12,9 +12,14 @@ Definitions (all over ``dataset.train_file``):
   EOS-predicting position included, averaged over all those positions pooled.
 
     msl-rec-stats dataset=books backbone=llama3_8b    # AVT: 70.69
+
+``show_prompt=1`` also prints, as one JSON line, the first train row's prompt exactly as training
+builds it: ``{"prompt": <text>, "prompt_ids": [...], "response_ids": [...]}``.
 """
 
 from __future__ import annotations
+
+import json
 
 import hydra
 import numpy as np
@@ -22,6 +27,7 @@ from omegaconf import DictConfig
 
 from msl_rec.data.catalog import ItemCatalog
 from msl_rec.data.io import Sample, read_samples
+from msl_rec.data.prompts import PromptBuilder
 from msl_rec.utils.config import CONFIG_DIR
 
 
@@ -40,6 +46,13 @@ def dataset_stats(samples: list[Sample], catalog: ItemCatalog) -> dict[str, floa
         "avg_title_tokens": float(np.mean(title_tokens)),
         "avt": float(counts.mean()),
     }
+
+
+def prompt_record(sample: Sample, builder: PromptBuilder, catalog: ItemCatalog) -> dict:
+    """The prompt text, prompt ids and response ids training uses for ``sample``."""
+    response = catalog.response_ids(sample.target)
+    [(start, prompt_ids)] = builder.fit_batch([sample.history], [len(response)])
+    return {"prompt": builder.text(sample.history[start:]), "prompt_ids": prompt_ids, "response_ids": response}
 
 
 def format_stats(stats: dict[str, float], name: str, backbone: str) -> str:
@@ -61,8 +74,12 @@ def stats(cfg: DictConfig) -> dict[str, float]:
     tokenizer = load_tokenizer(cfg.backbone.tokenizer)
     catalog = ItemCatalog.from_file(cfg.dataset.item_file, tokenizer,
                                     allow_empty_titles=cfg.dataset.get("allow_empty_titles", False))
-    result = dataset_stats(read_samples(cfg.dataset.train_file, catalog.titles), catalog)
+    samples = read_samples(cfg.dataset.train_file, catalog.titles)
+    result = dataset_stats(samples, catalog)
     print(format_stats(result, cfg.dataset.name, cfg.backbone.name))
+    if cfg.get("show_prompt"):
+        builder = PromptBuilder.from_config(cfg.dataset, tokenizer, catalog.titles)
+        print(json.dumps(prompt_record(samples[0], builder, catalog), ensure_ascii=False))
     return result
 
 

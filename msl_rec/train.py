@@ -13,13 +13,18 @@ GPU, e.g. in an sbatch script with ``#SBATCH --nodes=2 --ntasks-per-node=8 --gpu
 
     srun python -m msl_rec.train trainer=ddp trainer.num_nodes=2 trainer.devices=8
 
-Gradient accumulation is derived: ``optim.global_batch_size // (data.micro_batch_size * world size)``.
+Gradient accumulation is derived: ``optim.global_batch_size / (data.micro_batch_size * world size)``,
+which must be a whole number.
+
+Failure behaviour (README "Failure behaviour"): a checkpoint that cannot be written, a non-finite loss
+or weight, and a reported checkpoint that is missing at the end all stop the run with an error.
 """
 
 from __future__ import annotations
 
 import logging
 import sys
+from pathlib import Path
 from typing import Any
 
 import hydra
@@ -28,6 +33,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from msl_rec.utils import config as _config  # noqa: F401  (registers ${project_root:})
+from msl_rec.utils.callbacks import BestMetricsWriter, VerifiedCheckpointIO
 from msl_rec.utils.config import CONFIG_DIR
 from msl_rec.utils.logging_utils import instantiate_callbacks, instantiate_loggers, log_hyperparameters
 from msl_rec.utils.resume import resume_argv, resume_config
@@ -49,6 +55,33 @@ def world_size(trainer_cfg: DictConfig) -> int:
     return max(1, n) * int(trainer_cfg.get("num_nodes", 1) or 1)
 
 
+def config_int(cfg: DictConfig, key: str) -> int:
+    """``cfg[key]`` (a dotted key) as an int; a clear error naming the key otherwise."""
+    value = OmegaConf.select(cfg, key)
+    try:
+        if isinstance(value, bool) or value is None or float(value) != int(value):
+            raise ValueError
+        return int(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"{key}={value!r}: expected a whole number") from None
+
+
+def grad_accumulation(cfg: DictConfig, world: int) -> int:
+    """Micro-batches per optimizer step so that micro batch x world size x it = ``optim.global_batch_size``."""
+    gbs, mbs = config_int(cfg, "optim.global_batch_size"), config_int(cfg, "data.micro_batch_size")
+    if mbs < 1:
+        raise ValueError(f"data.micro_batch_size={mbs}: must be >= 1")
+    per_pass = mbs * world
+    if gbs < per_pass or gbs % per_pass:
+        valid = ", ".join(str(per_pass * k) for k in range(1, 5))
+        divisors = [d for d in range(1, gbs + 1) if gbs % (d * world) == 0] if gbs >= world else []
+        raise ValueError(
+            f"optim.global_batch_size={gbs} is not a multiple of data.micro_batch_size ({mbs}) x world size "
+            f"({world}) = {per_pass}: set optim.global_batch_size to one of {valid}, ... or data.micro_batch_size "
+            f"to one of {divisors or 'none (fewer devices needed)'}")
+    return gbs // per_pass
+
+
 def trainer_precision(trainer_cfg: DictConfig) -> str:
     """The trainer config's ``precision``, or if it is null: bf16-mixed where the device computes bf16
     natively (a GPU; a CPU with AVX512-BF16/AMX, see :func:`~msl_rec.utils.precision.cpu_supports_bf16`),
@@ -62,6 +95,17 @@ def trainer_precision(trainer_cfg: DictConfig) -> str:
     return "bf16-mixed" if auto_dtype("cuda" if on_gpu else "cpu") == torch.bfloat16 else "32-true"
 
 
+def build_strategy(strategy: Any) -> Any:
+    """A strategy name as is; a ``_target_`` dict (trainer=fsdp, ddp_sim, ...) instantiated, with an FSDP
+    ``auto_wrap_policy`` given as class paths (LlamaDecoderLayer) turned into a set of classes."""
+    if not isinstance(strategy, dict) or "_target_" not in strategy:
+        return strategy
+    strategy = dict(strategy)
+    if isinstance(strategy.get("auto_wrap_policy"), list):
+        strategy["auto_wrap_policy"] = {hydra.utils.get_class(c) for c in strategy["auto_wrap_policy"]}
+    return hydra.utils.instantiate(strategy, _convert_="partial")
+
+
 def build_data(cfg: DictConfig, num_negatives: int = 0):
     """Tokenizer, item catalog and data module for ``cfg.dataset`` and ``cfg.backbone``."""
     from msl_rec.data.catalog import ItemCatalog
@@ -72,11 +116,12 @@ def build_data(cfg: DictConfig, num_negatives: int = 0):
     catalog = ItemCatalog.from_file(cfg.dataset.item_file, tokenizer,
                                     allow_empty_titles=bool(cfg.dataset.get("allow_empty_titles", False)))
     d = cfg.data
-    dm = RecDataModule(cfg.dataset, tokenizer, catalog, micro_batch_size=int(d.micro_batch_size),
-                       eval_batch_size=int(d.eval_batch_size), train_subset=d.get("train_subset"),
+    dm = RecDataModule(cfg.dataset, tokenizer, catalog, micro_batch_size=config_int(cfg, "data.micro_batch_size"),
+                       eval_batch_size=config_int(cfg, "data.eval_batch_size"), train_subset=d.get("train_subset"),
                        valid_subset=d.get("valid_subset"), test_subset=d.get("test_subset"),
                        num_negatives=num_negatives, fixed_negatives=bool(d.get("fixed_negatives", False)),
-                       seed=int(cfg.seed), num_workers=int(d.get("num_workers", 0)))
+                       seed=int(cfg.seed), num_workers=int(d.get("num_workers", 0)), sample=d.get("sample"),
+                       bucket_by_length=bool(d.get("bucket_by_length", True)))
     return tokenizer, catalog, dm
 
 
@@ -89,38 +134,64 @@ def train(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
     """Fit (and validate every epoch); return (metrics, objects)."""
     from msl_rec.models.module import RecLitModule
 
+    ws = world_size(cfg.trainer)
+    accumulate = grad_accumulation(cfg, ws)  # before any loading: a bad batch setting fails at once
     if cfg.get("seed") is not None:
         L.seed_everything(int(cfg.seed), workers=True)
 
+    sft_ckpt = OmegaConf.select(cfg, "sdpo.sft_ckpt")
     module = RecLitModule(backbone=_plain(cfg.backbone), loss=_plain(cfg.loss), optim=_plain(cfg.optim),
-                          decoder=_plain(cfg.get("decoder")), top_k=list(cfg.get("top_k", [1, 5, 10])))
+                          decoder=_plain(cfg.get("decoder")), top_k=list(cfg.get("top_k", [1, 5, 10])),
+                          sft_ckpt=sft_ckpt)
+    if module.loss.needs_reference and not sft_ckpt:
+        log.warning("%s without sdpo.sft_ckpt: the reference is the bare base model, not an SFT model "
+                    "(the paper starts S-DPO from an LML checkpoint)", cfg.loss._target_)
     _, _, dm = build_data(cfg, num_negatives=int(getattr(module.loss, "num_negatives", 0)))
 
-    ws = world_size(cfg.trainer)
-    accumulate = max(1, int(cfg.optim.global_batch_size) // (int(cfg.data.micro_batch_size) * ws))
     callbacks = instantiate_callbacks(cfg.get("callbacks"))
     loggers = instantiate_loggers(cfg.get("logger"), cfg.paths.output_dir)
     trainer_cfg = OmegaConf.to_container(cfg.trainer, resolve=True)
     trainer_cfg["precision"] = trainer_precision(cfg.trainer)
     trainer_cfg["accumulate_grad_batches"] = accumulate
+    # Lightning's writer swallows PermissionError; this one raises when a checkpoint was not written
+    trainer_cfg["plugins"] = [*(trainer_cfg.get("plugins") or []), VerifiedCheckpointIO()]
     log.info("world size %d, micro batch %d, accumulate %d -> global batch %d", ws, cfg.data.micro_batch_size,
              accumulate, accumulate * ws * cfg.data.micro_batch_size)
-    strategy = trainer_cfg.get("strategy")
-    if isinstance(strategy, dict) and isinstance(strategy.get("auto_wrap_policy"), list):
-        # FSDP: wrap policy given as class paths (LlamaDecoderLayer) -> a set of classes
-        strategy["auto_wrap_policy"] = {hydra.utils.get_class(c) for c in strategy["auto_wrap_policy"]}
-        trainer_cfg["strategy"] = hydra.utils.instantiate(strategy, _convert_="partial")
+    if "strategy" in trainer_cfg:
+        trainer_cfg["strategy"] = build_strategy(trainer_cfg["strategy"])
     trainer: L.Trainer = hydra.utils.instantiate(trainer_cfg, callbacks=callbacks, logger=loggers or False,
                                                  _convert_="partial")
     objects = {"cfg": cfg, "datamodule": dm, "model": module, "trainer": trainer}
     log_hyperparameters(cfg, trainer, module)
 
-    trainer.fit(module, datamodule=dm, ckpt_path=cfg.get("ckpt_path"))
+    if cfg.get("ckpt_path"):
+        from msl_rec.models.checkpoint import read_checkpoint
+
+        read_checkpoint(cfg.ckpt_path)  # a bad or unsafe file: an error naming it, before training starts
+    trainer.fit(module, datamodule=dm, ckpt_path=cfg.get("ckpt_path"), weights_only=True)
     metrics = {k: (v.item() if hasattr(v, "item") else v) for k, v in trainer.callback_metrics.items()}
-    ckpt_cb = getattr(trainer, "checkpoint_callback", None)
-    if ckpt_cb is not None and getattr(ckpt_cb, "best_model_path", ""):
-        log.info("best checkpoint: %s", ckpt_cb.best_model_path)
+    # the sweep objective is the selected (best) epoch's, not the last epoch's
+    for cb in trainer.callbacks:
+        if isinstance(cb, BestMetricsWriter):
+            metrics.update({k: v for k, v in cb.best_metrics.items() if k not in ("epoch", "step")})
+    check_checkpoints(trainer)
     return metrics, objects
+
+
+def check_checkpoints(trainer: L.Trainer) -> None:
+    """Every best/last checkpoint the run reports must exist (rank 0, shared run folder)."""
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    if not trainer.is_global_zero:
+        return
+    for cb in trainer.checkpoint_callbacks:
+        if not isinstance(cb, ModelCheckpoint):
+            continue
+        for kind, path in (("best", cb.best_model_path), ("last", cb.last_model_path)):
+            if path and "://" not in path and not Path(path).is_file():
+                raise FileNotFoundError(f"the run reports the {kind} checkpoint {path}, which does not exist")
+        if cb.monitor and cb.best_model_path:
+            log.info("best checkpoint (%s): %s", cb.monitor, cb.best_model_path)
 
 
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="train.yaml")

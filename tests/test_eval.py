@@ -33,27 +33,36 @@ def test_tiny_model_from_checkpoint(compose_train, compose_eval, tmp_path):
     assert 0.0 <= metrics["valid/hr@10"] <= 1.0
     assert (out / "metrics.json").is_file() and (out / "predictions.jsonl").is_file()
 
-    # w = 1 - P_valid(y) per response position against a dense computation: full logits at every
-    # position, a dense (positions x vocabulary) boolean mask of each position's valid set
+    # Fig. 5's w per response position against a dense computation: full logits at every position,
+    # a dense (positions x vocabulary) boolean mask of each position's valid set, tau 1
     import numpy as np
     import torch
 
-    w = np.load(out / "w_values.npy")
+    saved = np.load(out / "w_values.npz")
+    assert float(saved["tau"]) == 1.0
     module, dm = objects["model"].eval(), objects["datamodule"]
     batch = next(iter(dm.val_dataloader()))
     n = min(2, batch["input_ids"].shape[0])
-    expected = []
+    w_lml, w_msl, sizes = [], [], []
     with torch.no_grad():
-        probs = module(batch["input_ids"], batch["attention_mask"]).softmax(-1)
+        logits = module(batch["input_ids"], batch["attention_mask"])
     for b in range(n):
         resp = (batch["labels"][b] != -100).nonzero().flatten()
         for p, pos in enumerate(resp.tolist()):
-            mask = torch.zeros(probs.shape[-1], dtype=torch.bool)
+            y = int(batch["labels"][b, pos])
+            mask = torch.zeros(logits.shape[-1], dtype=torch.bool)
             ids = batch["valid_ids"][b, p]
             mask[ids[ids >= 0]] = True
-            expected.append(1.0 - float(probs[b, pos - 1][mask].sum()))
-    assert len(w) == len(expected)
-    np.testing.assert_allclose(w, expected, atol=1e-5)
+            row = logits[b, pos - 1]
+            w_lml.append(1.0 - float(row.softmax(-1)[y]))
+            w_msl.append(1.0 - float(row.masked_fill(~mask, float("-inf")).softmax(-1)[y]))
+            sizes.append(int(mask.sum()))
+    assert len(saved["w_lml"]) == len(w_lml)
+    np.testing.assert_allclose(saved["w_lml"], w_lml, atol=1e-5)
+    np.testing.assert_allclose(saved["w_msl"], w_msl, atol=1e-5)
+    np.testing.assert_array_equal(saved["num_valid"], sizes)
+    multi = saved["num_valid"] > 1
+    assert saved["w_msl"][multi].mean() < saved["w_lml"][multi].mean()
 
 
 def _predictions(folder):

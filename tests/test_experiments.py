@@ -65,6 +65,31 @@ def _fake_run(root: Path, name: str, loss: dict, seed: int, ndcg10: float, steps
     return run
 
 
+def _fake_eval(run: Path, ranks: list[int], logp: list[float] | None = None, first: list[int] | None = None,
+               users: list[int] | None = None):
+    """An evaluation's predictions.jsonl (and its metrics) beside a _fake_run's config."""
+    import numpy as np
+
+    from msl_rec.metrics import compute_metrics
+
+    users = users or list(range(len(ranks)))
+    first = first or [7] * len(ranks)
+    with open(run / "predictions.jsonl", "w") as f:
+        for i, r in enumerate(ranks):
+            row = {"user_id": users[i], "target_id": 1000 + i, "rank": r, "ranked_ids": [[first[i]], [1]],
+                   "scores": [0.0, -1.0]}
+            if logp is not None:
+                row["target_logp"] = logp[i]
+            f.write(json.dumps(row) + "\n")
+    metrics = compute_metrics(ranks)
+    if logp is not None:
+        metrics["target_logp"] = float(np.mean(logp))
+    (run / "metrics.json").write_text(json.dumps(metrics))
+    rng = np.random.default_rng(len(ranks))
+    np.savez(run / "w_values.npz", w_lml=rng.random(50), w_msl=rng.random(50) ** 2, num_valid=rng.integers(1, 4, 50),
+             tau=np.float64(1.0))
+
+
 def test_report_tables_and_plots(tmp_path):
     from experiments.report import write_report
 
@@ -73,9 +98,12 @@ def test_report_tables_and_plots(tmp_path):
     msl2 = {"_target_": "msl_rec.losses.MSLLoss", "tau": 2.5}
     ats = {"_target_": "msl_rec.losses.MSLATSLoss"}
     curve = [(0, 4.0, 2.0), (1, 3.0, 2.5)]
-    _fake_run(tmp_path, "0", lml, 1, 0.10, curve)
+    import numpy as np
+
+    np.savez(_fake_run(tmp_path, "0", lml, 1, 0.10, curve) / "w_values.npz", w_lml=np.linspace(0, 1, 30),
+             w_msl=np.linspace(0, 0.5, 30))
     _fake_run(tmp_path, "1", lml, 2, 0.20, curve)
-    _fake_run(tmp_path, "2", msl, 1, 0.30, curve)
+    np.save(_fake_run(tmp_path, "2", msl, 1, 0.30, curve) / "w_values.npy", np.linspace(0, 0.7, 30))  # older format
     _fake_run(tmp_path, "3", msl2, 1, 0.25, curve)
     _fake_run(tmp_path, "4", ats, 1, 0.45, curve)
     text = write_report([tmp_path], tmp_path / "out").read_text()
@@ -97,3 +125,178 @@ def test_optuna_tau_sweep_maximises_validation_ndcg(tmp_path, tiny_overrides, cl
     assert 0.0 <= result["best_value"] <= 1.0
     taus = [yaml.safe_load((sweep / str(j) / ".hydra" / "config.yaml").read_text())["loss"]["tau"] for j in (0, 1)]
     assert taus[0] != taus[1] and result["best_params"]["loss.tau"] in taus
+
+
+def test_report_paired_comparison_with_lml(tmp_path):
+    """Evaluations with predictions.jsonl: each loss against LML on the same users, per-user."""
+    from experiments.report import write_report
+
+    lml = {"_target_": "msl_rec.losses.LMLLoss", "tau": 1.0}
+    msl = {"_target_": "msl_rec.losses.MSLLoss", "tau": 1.0}
+    ats = {"_target_": "msl_rec.losses.MSLATSLoss"}
+    n = 400
+    miss = [-1] * n
+    lml_ranks = [0 if i < 20 else -1 for i in range(n)]          # 20 hits at rank 0
+    msl_ranks = [0 if i < 120 else -1 for i in range(n)]         # 100 more hits: a real gain
+    ats_ranks = [0 if 20 <= i < 40 else -1 for i in range(n)]    # 20 hits on other users: no difference
+    logp = [-50.0 + (i % 7) for i in range(n)]
+    _fake_eval(_fake_run(tmp_path, "lml1", lml, 1, 0, []), lml_ranks, logp, first=[i % 3 for i in range(n)])
+    _fake_eval(_fake_run(tmp_path, "lml2", lml, 2, 0, []), lml_ranks, logp)
+    _fake_eval(_fake_run(tmp_path, "msl", msl, 1, 0, []), msl_ranks, [v + 2.0 for v in logp])
+    _fake_eval(_fake_run(tmp_path, "ats", ats, 1, 0, []), ats_ranks)  # no target_logp: not compared on it
+    _fake_eval(_fake_run(tmp_path, "nothing", msl | {"tau": 9.0}, 1, 0, []), miss)
+    text = write_report([tmp_path], tmp_path / "out").read_text()
+    assert "## Paired comparison with LML (same users)" in text
+    lines = {tuple(c.strip() for c in line.split("|")[1:3]): line for line in text.splitlines() if line.startswith("| ")}
+    # MSL: NDCG@10 0.30 vs 0.05 (+0.25, exact), target_logp +2 on every user
+    assert "| +0.2500 |" in lines[("MSL", "ndcg@10")] and lines[("MSL", "ndcg@10")].endswith("| model higher |")
+    assert "| +2.0000 | [+2.0000, +2.0000] |" in lines[("MSL", "target_logp")]
+    assert "| 400 | 1, 2 |" in lines[("MSL", "hr@10")]
+    # MSL+ATS: the same number of hits on different users
+    assert lines[("MSL+ATS", "ndcg@10")].endswith("| no detectable difference |")
+    assert ("MSL+ATS", "target_logp") not in lines
+    # no hit at all: -0.05 on the 20 users LML finds, so a CI below 0 (p = 2 / 2**20 exactly)
+    assert lines[("MSL (tau=9)", "hr@10")].endswith("| model lower |")
+    assert "| logp |" in text  # the target_logp column of the main table
+    # distinct first titles: 3 for lml1 (0, 1, 2), 1 for the others
+    assert "| `lml1` | LML | 1 | 0.0500 | 0.0500 | 3 |" in text and "| `msl` | MSL | 1 | 0.3000 | 0.3000 | 1 |" in text
+    assert (tmp_path / "out" / "w_distribution.png").stat().st_size > 1000
+
+
+def test_report_refuses_to_pair_different_users(tmp_path):
+    from experiments.report import write_report
+
+    lml = {"_target_": "msl_rec.losses.LMLLoss", "tau": 1.0}
+    msl = {"_target_": "msl_rec.losses.MSLLoss", "tau": 1.0}
+    _fake_eval(_fake_run(tmp_path, "a", lml, 1, 0, []), [0, -1, -1])
+    _fake_eval(_fake_run(tmp_path, "b", msl, 1, 0, []), [0, -1, -1], users=[0, 5, 2])
+    with pytest.raises(ValueError, match="row 1: .*user/target 1/1001.* has 5/1001"):
+        write_report([tmp_path], tmp_path / "out")
+
+
+def test_compare_pick_tau():
+    from experiments.compare import pick_tau
+
+    assert pick_tau({1.0: {"ndcg@10": 0.1}, 1.5: {"ndcg@10": 0.3}, 2.5: {"ndcg@10": 0.2}}, "ndcg@10", 1.5) == 1.5
+    assert pick_tau({1.0: {"ndcg@10": 0.4}, 1.5: {"ndcg@10": 0.3}}, "ndcg@10", 1.5) == 1.0
+    # ties: target_logp decides; without it, the default
+    tied = {1.0: {"ndcg@10": 0.0, "target_logp": -30.0}, 2.5: {"ndcg@10": 0.0, "target_logp": -20.0},
+            1.5: {"ndcg@10": 0.0, "target_logp": -25.0}}
+    assert pick_tau(tied, "ndcg@10", 1.5) == 2.5
+    assert pick_tau({1.0: {"ndcg@10": 0.0}, 1.5: {"ndcg@10": 0.0}}, "ndcg@10", 1.5) == 1.5
+
+
+def test_compare_steps_run_in_dependency_order_skip_when_done_and_fail_loudly(tmp_path):
+    import sys
+    import time
+
+    from experiments.compare import Step, run_steps
+
+    def writer(name: str, wait: float = 0.0):
+        # appends "<name> <time>" to a shared file, so the order of the runs can be read back
+        code = f"import time; time.sleep({wait}); open({str(tmp_path / 'order')!r}, 'a').write('{name}\\n')"
+        return lambda: [sys.executable, "-c", code]
+
+    for d in ("a", "b", "c"):
+        (tmp_path / d).mkdir()
+    after = []
+    steps = [Step("c", tmp_path / "c", writer("c"), deps=["a", "b"], after=lambda: after.append("c")),
+             Step("a", tmp_path / "a", writer("a", 0.5)), Step("b", tmp_path / "b", writer("b"))]
+    assert run_steps(steps, jobs=2, env={}, log_dir=tmp_path / "logs")
+    order = (tmp_path / "order").read_text().split()
+    assert sorted(order[:2]) == ["a", "b"] and order[2] == "c" and after == ["c"]
+    assert all((tmp_path / d / ".done").is_file() for d in "abc")
+    # a second run skips finished steps
+    assert run_steps(steps, jobs=2, env={}, log_dir=tmp_path / "logs")
+    assert (tmp_path / "order").read_text().split() == order
+    # a failing step stops the run with its log named; its dependants never start
+    (tmp_path / "d").mkdir()
+    (tmp_path / "e").mkdir()
+    bad = [Step("d", tmp_path / "d", lambda: [sys.executable, "-c", "raise SystemExit(5)"]),
+           Step("e", tmp_path / "e", writer("e"), deps=["d"])]
+    with pytest.raises(RuntimeError, match=r"step d failed \(exit 5\).*d\.log"):
+        run_steps(bad, jobs=2, env={}, log_dir=tmp_path / "logs")
+    assert not (tmp_path / "e" / ".done").exists() and "e" not in (tmp_path / "order").read_text().split()
+    # a deadline stops and kills its own running jobs; the step is not marked done
+    (tmp_path / "f").mkdir()
+    t0 = time.time()
+    slow = [Step("f", tmp_path / "f", lambda: [sys.executable, "-c", "import time; time.sleep(60)"])]
+    assert not run_steps(slow, jobs=1, env={}, log_dir=tmp_path / "logs", deadline=time.time() + 1)
+    assert time.time() - t0 < 30 and not (tmp_path / "f" / ".done").exists()
+
+
+@pytest.mark.slow
+def test_compare_driver_end_to_end_tiny(tmp_path, cli):
+    """The whole comparison on the tiny backbone: sweep, 3 trainings, evaluations, report, adapters;
+    a second run finds everything done. (Shards and their merge: the second test below.)"""
+    out, results = tmp_path / "cmp", tmp_path / "results"
+    args = ["--preset", "cpu", "--out", str(out), "backbone=tiny_llama", "data.train_subset=8",
+            "trainer.max_epochs=1", "optim.global_batch_size=4", "optim.warmup_steps=1", "compare.sweep.taus=[1.0,2.5]",
+            "compare.sweep.train_rows=4", "compare.sweep.eval_shard=867/868", "compare.eval.users=6",
+            "compare.eval.shards=1", "compare.eval.save_w=false", f"compare.results_dir={results}"]
+    proc = cli("experiments.compare", *args, timeout=900)
+    assert "MSL tau from the sweep" in proc.stdout
+    tau = json.loads((results / "tau.json").read_text())["tau"]
+    assert tau in (1.0, 2.5)
+    msl_cfg = yaml.safe_load((out / "train" / "msl" / ".hydra" / "config.yaml").read_text())
+    assert msl_cfg["loss"]["tau"] == tau and msl_cfg["data"]["train_subset"] == 8
+    for loss in ("lml", "msl", "msl_ats"):
+        assert (results / f"{loss}.ckpt").stat().st_size > 0
+        assert len((out / "eval" / loss / "predictions.jsonl").read_text().splitlines()) == 6
+    text = (results / "results.md").read_text()
+    assert "## Paired comparison with LML (same users)" in text and "| popularity |" in text
+    assert (results / "tau_sweep" / "results.md").is_file()
+    again = cli("experiments.compare", *args, timeout=300)
+    assert "start" not in again.stdout and "done in" in again.stdout
+
+
+def test_compare_cpu_plan(tmp_path):
+    """The cpu preset's plan: sweep on users the evaluation does not see, MSL after the sweep,
+    2 shards per model then a merge, popularity on the same users; a training with an epoch
+    checkpoint resumes instead of starting over."""
+    from experiments.compare import build_steps
+    from msl_rec.eval import shard_range
+
+    steps, _ = build_steps("cpu", [], tmp_path)
+    by = {s.name: s for s in steps}
+    assert {"sweep-tau_1", "sweep-tau_1.5", "sweep-tau_2.5", "train-lml", "train-msl", "train-msl_ats",
+            "eval-lml-0", "eval-lml-1", "merge-lml", "merge-msl", "merge-msl_ats", "eval-popularity"} <= set(by)
+    assert set(by["train-msl"].deps) == {"sweep-eval-tau_1", "sweep-eval-tau_1.5", "sweep-eval-tau_2.5"}
+    assert by["train-lml"].deps == [] and by["merge-lml"].deps == ["eval-lml-0", "eval-lml-1"]
+    sweep_eval = by["sweep-eval-tau_1.5"].command()
+    assert "shard=16/17" in sweep_eval and shard_range(3472, "16/17").start >= 1000  # disjoint from the eval users
+    ev = by["eval-lml-1"].command()
+    assert {"subset=1000", "shard=1/2", "save_w=true", f"run_dir={tmp_path / 'train' / 'lml'}"} <= set(ev)
+    assert "subset=1000" in by["eval-popularity"].command() and "decoder=popularity" in by["eval-popularity"].command()
+    sweep = by["sweep-tau_2.5"].command()
+    assert {"experiment=compare_cpu", "loss=msl", "loss.tau=2.5", "data.train_subset=256"} <= set(sweep)
+    (tmp_path / "train" / "lml" / "checkpoints").mkdir(parents=True)
+    (tmp_path / "train" / "lml" / "checkpoints" / "last.ckpt").write_bytes(b"")
+    assert by["train-lml"].command()[-1] == f"resume={tmp_path / 'train' / 'lml'}"
+
+
+@pytest.mark.slow
+def test_demo_end_to_end_tiny(cli):
+    """make demo on the tiny backbone: one table, zero-shot / trained / popularity on the same users."""
+    proc = cli("experiments.demo", "backbone=tiny_llama", "data.train_subset=8", "data.valid_subset=4",
+               "optim.global_batch_size=4", "optim.warmup_steps=1", timeout=900)
+    out = proc.stdout
+    assert "4 validation users (the same for every row)" in out
+    for row in ("MSL+ATS, 8 rows", "zero-shot (untrained)", "popularity"):
+        assert any(line.startswith(row) and line.rstrip().split()[-2].endswith("/4") for line in out.splitlines()), row
+    assert "target_logp" in out
+
+
+def test_compare_merges_the_shards_w_values(tmp_path):
+    import numpy as np
+
+    from experiments.compare import merge_w
+
+    for i in range(2):
+        (tmp_path / str(i)).mkdir()
+        np.savez(tmp_path / str(i) / "w_values.npz", w_lml=np.full(3, i), w_msl=np.full(3, 10 + i),
+                 num_valid=np.full(3, 2), tau=np.float64(1.0))
+    merge_w([tmp_path / "0", tmp_path / "1"], tmp_path)
+    with np.load(tmp_path / "w_values.npz") as z:
+        assert z["w_lml"].tolist() == [0, 0, 0, 1, 1, 1] and z["w_msl"].tolist() == [10] * 3 + [11] * 3
+        assert float(z["tau"]) == 1.0 and len(z["num_valid"]) == 6

@@ -27,12 +27,13 @@ def test_one_step_with_each_loss(compose_train, loss):
 
 
 def test_checkpoint_keeps_adapter_and_reloads_to_identical_logits(compose_train, tmp_path):
-    cfg = compose_train("loss=msl_ats", "debug=fdr", "logger=none")
+    # warm-up 0: the one step runs at the full lr (a warm-up's first step runs at lr 0, as in HF)
+    cfg = compose_train("loss=msl_ats", "debug=fdr", "logger=none", "optim.warmup_steps=0")
     _, objects = train(cfg)
     trainer, module, dm = objects["trainer"], objects["model"], objects["datamodule"]
     ckpt = tmp_path / "step1.ckpt"
     trainer.save_checkpoint(ckpt)
-    state = torch.load(ckpt, weights_only=False)["state_dict"]
+    state = torch.load(ckpt, weights_only=True)["state_dict"]
     assert state and all("lora_" in k or k.startswith("loss.") for k in state)
     assert any(k.startswith("loss.") for k in state)  # the ATS EMA of tau travels with the adapter
 
@@ -54,38 +55,54 @@ def test_sdpo_starts_from_an_lml_checkpoint(compose_train, tmp_path):
     _, objects = train(compose_train("loss=lml", "debug=fdr", out=tmp_path / "sft"))
     sft = tmp_path / "sft.ckpt"
     objects["trainer"].save_checkpoint(sft)
-    cfg = compose_train("loss=sdpo", "debug=fdr", f"loss.sft_ckpt={sft}", out=tmp_path / "dpo")
+    cfg = compose_train("experiment=books_sdpo", "debug=fdr", f"sdpo.sft_ckpt={sft}", out=tmp_path / "dpo")
     assert cfg.optim.lr == pytest.approx(1e-5)  # the S-DPO recipe's lr
     metrics, objects = train(cfg)
+    assert objects["model"].hparams.sft_ckpt == str(sft)
     # policy == reference at the first step: S-DPO = -log sigmoid(-log sum_j e^0) = log(1 + 3 negatives)
     assert metrics["train/loss_step"] == pytest.approx(math.log(4), abs=1e-4)
 
 
-def _losses(run_dir: Path) -> dict[int, float]:
-    """step -> train/loss_step from every CSV log version in a run folder."""
-    out = {}
+def _losses(run_dir: Path) -> dict[int, list[float]]:
+    """step -> every train/loss_step logged for it, over every CSV log version in a run folder."""
+    out: dict[int, list[float]] = {}
     for f in sorted(run_dir.glob("csv/version_*/metrics.csv")):
         for row in csv.DictReader(f.open()):
             if row.get("train/loss_step"):
-                out[int(row["step"])] = float(row["train/loss_step"])
+                out.setdefault(int(row["step"]), []).append(float(row["train/loss_step"]))
     return out
 
 
+def _step_of(ckpt: Path) -> tuple[int, int]:
+    state = torch.load(ckpt, weights_only=True)
+    return state["epoch"], state["global_step"]
+
+
+@pytest.mark.slow
 def test_resume_continues_with_identical_losses(tmp_path, tiny_overrides, cli):
+    """Mid-epoch (step checkpoint), epoch-boundary and finished-run resumes against one uninterrupted run."""
     common = [*tiny_overrides, "logger=csv", "loss=msl_ats", "trainer.limit_val_batches=1", "data.valid_subset=2",
-              "callbacks.model_summary=null",
+              "callbacks.model_summary=null", "callbacks.step_checkpoint.every_n_train_steps=1",
               # a linear decay's length depends on max_epochs, which the resume extends
               "optim.schedule=constant"]
     full, half = tmp_path / "full", tmp_path / "half"
-    cli("msl_rec.train", *common, "trainer.max_epochs=2", f"hydra.run.dir={full}")
-    cli("msl_rec.train", *common, "trainer.max_epochs=1", f"hydra.run.dir={half}")
-    assert (half / "checkpoints" / "last.ckpt").is_file()
-    cli("msl_rec.train", f"resume={half}", "trainer.max_epochs=2")
+    last = half / "checkpoints" / "last.ckpt"
+    cli("msl_rec.train", *common, "trainer.max_epochs=3", f"hydra.run.dir={full}")
+    # stopped after 6 of 12 steps: in the middle of epoch 1 (8 rows / batch 2 = 4 steps per epoch)
+    cli("msl_rec.train", *common, "trainer.max_epochs=3", "trainer.max_steps=6", f"hydra.run.dir={half}")
+    assert _step_of(last) == (1, 6)
+    cli("msl_rec.train", f"resume={half}", "trainer.max_steps=-1", "trainer.max_epochs=2")  # mid-epoch -> end of 1
+    assert _step_of(last) == (1, 8)
+    cli("msl_rec.train", f"resume={half}", "trainer.max_steps=-1")  # epoch boundary -> end of epoch 2
+    assert _step_of(last) == (2, 12)
+    cli("msl_rec.train", f"resume={half}", "trainer.max_steps=-1")  # a finished run: nothing is retrained
     want, got = _losses(full), _losses(half)
-    assert len(want) == 8 and sorted(got) == sorted(want)  # 8 rows / batch 2 = 4 steps per epoch
+    assert sorted(want) == list(range(12)) and all(len(v) == 1 for v in want.values())
+    assert sorted(got) == sorted(want) and all(len(v) == 1 for v in got.values()), got  # no step ran twice
     for step in want:
-        assert got[step] == pytest.approx(want[step], rel=1e-5, abs=1e-6), step
-    assert (half / ".hydra" / "config.yaml").is_file() and list((half / ".hydra").glob("resume-*"))
+        assert got[step][0] == pytest.approx(want[step][0], rel=1e-5, abs=1e-6), step
+    assert _step_of(last) == (2, 12)
+    assert (half / ".hydra" / "config.yaml").is_file() and len(list((half / ".hydra").glob("resume-*"))) >= 1
 
 
 def test_sweep_runs_every_job(tmp_path, tiny_overrides, cli):
@@ -101,6 +118,6 @@ def test_sweep_runs_every_job(tmp_path, tiny_overrides, cli):
 
 def test_ddp_sim_two_ranks_agree(tmp_path, tiny_overrides, cli):
     cli("msl_rec.train", *tiny_overrides, "trainer=ddp_sim", "loss=msl_ats", "debug=fdr", "logger=none",
-            "data.train_subset=8", f"hydra.run.dir={tmp_path}", timeout=400)
+        "data.train_subset=8", "optim.global_batch_size=4", f"hydra.run.dir={tmp_path}", timeout=400)
     ranks = [json.loads((tmp_path / "rank_state" / f"rank{r}.json").read_text()) for r in (0, 1)]
     assert ranks[0] and ranks[0] == ranks[1]  # the ATS tau EMA is identical on both ranks

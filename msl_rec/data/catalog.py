@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import warnings
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
@@ -26,6 +27,7 @@ import numpy as np
 import torch
 
 from msl_rec.data.errors import DataError
+from msl_rec.data.io import check_int64, read_text
 
 RESPONSE_FORMAT = '"{title}"'
 _SURROGATE_START = 0xD800
@@ -53,25 +55,49 @@ def load_titles(item_file: str | Path, allow_empty_titles: bool = False) -> dict
     if not path.is_file():
         raise DataError(f"{path}: item file not found (set dataset.item_file)")
     try:
-        raw = json.loads(path.read_text(encoding="utf-8"))
+        raw = json.loads(read_text(path))
     except json.JSONDecodeError as e:
         raise DataError(f"{path}: not valid JSON ({e})") from e
     if not isinstance(raw, Mapping):
         raise DataError(f"{path}: expected a JSON object mapping item id -> title")
     titles: dict[int, str] = {}
+    key_of: dict[int, str] = {}
     for key, title in raw.items():
         try:
-            item_id = int(key)
-        except ValueError:
+            item_id = check_int64(int(key), f"{path}: item key {key!r}", "item id")
+        except ValueError as e:
+            if isinstance(e, DataError):
+                raise
             raise DataError(f"{path}: item key {key!r}: item id is not an integer") from None
+        if item_id in key_of:
+            raise DataError(f"{path}: item keys {key_of[item_id]!r} and {key!r} are both item id {item_id}; "
+                            "keep one of them")
+        key_of[item_id] = key
         if not isinstance(title, str):
-            raise DataError(f"{path}: item {key}: field 'title' is missing (got {title!r})")
+            raise DataError(f"{path}: item {key!r}: field 'title' must be a string, got {type(title).__name__} "
+                            f"({title!r}); write the title as a JSON string")
         if not title.strip() and not allow_empty_titles:
             raise DataError(f"{path}: item {key}: field 'title' is empty (set dataset.allow_empty_titles=true to keep it)")
         titles[item_id] = title
     if not titles:
         raise DataError(f"{path}: no items")
     return titles
+
+
+def warn_undecodable_titles(catalog: ItemCatalog, max_new_tokens: int) -> int:
+    """Warn (once per catalog and limit) about titles a decoder capped at ``max_new_tokens`` can
+    never produce: responses (title tokens + EOS) longer than the cap. Returns their count."""
+    lengths = np.fromiter(map(len, catalog.sequences), dtype=np.int64, count=len(catalog.sequences))
+    too_long = [items for items, n in zip(catalog.seq_items, lengths.tolist()) if n > max_new_tokens]
+    n_items = sum(len(items) for items in too_long)
+    if n_items and max_new_tokens not in catalog.warned_max_new_tokens:
+        catalog.warned_max_new_tokens.add(max_new_tokens)
+        warnings.warn(
+            f"decoder.max_new_tokens={max_new_tokens}: {n_items} catalog item(s) have a response longer than "
+            f"that (the longest is {int(lengths.max())} tokens, EOS included; e.g. item {too_long[0][0]}) and can "
+            f"never be recommended; raise decoder.max_new_tokens to {int(lengths.max())} to rank every item",
+            stacklevel=2)
+    return n_items
 
 
 def eos_token_id(tokenizer) -> int:
@@ -108,6 +134,7 @@ class ItemCatalog:
         self.sequences: list[list[int]] = [list(s) for s in ordered]
         self.seq_items: list[tuple[int, ...]] = [tuple(by_tokens[s]) for s in ordered]
         self.item_seq: dict[int, int] = {i: k for k, items in enumerate(self.seq_items) for i in items}
+        self.warned_max_new_tokens: set[int] = set()  # see warn_undecodable_titles
         self._build_trie()
 
     @classmethod

@@ -32,9 +32,10 @@ from dataclasses import dataclass
 import lightning as L
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset, Sampler, Subset
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset
 
 from msl_rec.data.catalog import ItemCatalog
+from msl_rec.data.errors import DataError
 from msl_rec.data.io import Sample, read_samples
 from msl_rec.data.prompts import PromptBuilder
 
@@ -132,25 +133,76 @@ class RecDataset(Dataset):
         return row
 
 
-class EpochShuffleSampler(Sampler[int]):
-    """A permutation seeded by ``(seed, epoch)``; ``set_epoch`` also sets the dataset's epoch,
-    so negatives are redrawn per epoch without any extra callback (Lightning calls it)."""
+class EpochShuffleSampler(DistributedSampler):
+    """The train order: a pure function of ``(seed, epoch)`` (and the rank), length-bucketed on request.
 
-    def __init__(self, dataset: RecDataset, seed: int = 0):
+    1. A permutation of all rows seeded by ``(seed, epoch)``, padded by repeating its head to a
+       multiple of ``num_replicas`` (as :class:`DistributedSampler`; no padding on one process).
+    2. With ``lengths`` (bucketing): within each mega-batch of ``bucket_batches`` global batches
+       (``micro_batch_size x num_replicas`` rows) of that order, rows are sorted by length, so a
+       micro-batch holds rows of similar length and padding drops.
+    3. The order is cut into global batches; with bucketing their order is shuffled (same
+       generator), the one short last batch staying last so no micro-batch is split.
+    4. Each global batch gives every rank an equal, contiguous share (``micro_batch_size`` rows
+       of a full one), so ranks are disjoint and see the same number of micro-batches.
+
+    Without ``lengths`` on one process this is ``torch.randperm`` seeded by ``(seed, epoch)``.
+    ``set_epoch`` also sets the dataset's epoch, so negatives are redrawn per epoch without any
+    extra callback (Lightning calls it). A :class:`DistributedSampler`, so Lightning does not
+    wrap it again under DDP.
+
+    Args:
+        dataset: the train :class:`RecDataset`.
+        seed: seeds the order.
+        lengths: per-row token counts to bucket by; None: no bucketing.
+        micro_batch_size: rows per micro-batch (the DataLoader's batch size).
+        bucket_batches: global batches per mega-batch sorted together.
+        num_replicas, rank: the DDP world size and this process's rank.
+    """
+
+    def __init__(self, dataset: RecDataset, seed: int = 0, lengths: Sequence[int] | None = None,
+                 micro_batch_size: int = 1, bucket_batches: int = 50, num_replicas: int = 1, rank: int = 0):
+        super().__init__(dataset, num_replicas=num_replicas, rank=rank, shuffle=True, seed=seed)
+        if lengths is not None and len(lengths) != len(dataset):
+            raise ValueError(f"lengths has {len(lengths)} entries for {len(dataset)} rows")
         self.dataset = dataset
-        self.seed = seed
-        self.epoch = 0
+        self.lengths = None if lengths is None else np.asarray(lengths)
+        self.micro_batch_size = int(micro_batch_size)
+        self.bucket_batches = int(bucket_batches)
+        self.start = 0  # mid-epoch resume: the next iteration begins at this position of the order
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = int(epoch)
         self.dataset.set_epoch(epoch)
 
-    def __len__(self) -> int:
-        return len(self.dataset)
+    def global_order(self) -> list[list[int]]:
+        """This epoch's global batches, each a list of row indices (all ranks' shares in rank order)."""
+        g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
+        order = torch.randperm(len(self.dataset), generator=g).tolist()
+        pad = self.total_size - len(order)
+        order += (order * (pad // max(len(order), 1) + 1))[:pad]
+        step = self.micro_batch_size * self.num_replicas
+        if self.lengths is not None:
+            mega = step * self.bucket_batches
+            order = [i for a in range(0, len(order), mega)
+                     for i in sorted(order[a:a + mega], key=lambda i: -int(self.lengths[i]))]
+        batches = [order[a:a + step] for a in range(0, len(order), step)]
+        if self.lengths is not None:
+            n_full = len(batches) - (len(batches[-1]) < step if batches else 0)
+            batches[:n_full] = [batches[k] for k in torch.randperm(n_full, generator=g).tolist()]
+        return batches
+
+    def resume_at(self, position: int) -> None:
+        """Begin the next iteration at ``position`` of this rank's order (msl_rec.utils.callbacks.MidEpochResume)."""
+        self.start = int(position)
 
     def __iter__(self):
-        g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
-        return iter(torch.randperm(len(self.dataset), generator=g).tolist())
+        out: list[int] = []
+        for batch in self.global_order():
+            share = len(batch) // self.num_replicas
+            out += batch[self.rank * share:(self.rank + 1) * share]
+        start, self.start = self.start, 0
+        return iter(out[start:])
 
 
 class Collator:
@@ -190,6 +242,15 @@ class Collator:
         return batch
 
 
+def sample_rows(samples: list[Sample], n: int, seed: int, path=None) -> list[Sample]:
+    """``n`` rows drawn without replacement with ``seed``, kept in file order."""
+    if n > len(samples):
+        raise DataError(f"{path}: data.sample={n} but the file has only {len(samples)} rows; "
+                        f"lower data.sample or set it to null")
+    rows = np.random.default_rng(seed).choice(len(samples), size=n, replace=False)
+    return [samples[i] for i in sorted(rows.tolist())]
+
+
 def _get(cfg, key, default=None):
     return cfg.get(key, default) if isinstance(cfg, Mapping) or hasattr(cfg, "get") else getattr(cfg, key, default)
 
@@ -205,6 +266,9 @@ class RecDataModule(L.LightningDataModule):
         micro_batch_size: train batch size; eval_batch_size: valid/test batch size.
         train_subset, valid_subset, test_subset: keep only the FIRST N rows of that file (file
             order, so the same rows every run); None keeps all.
+        sample: keep N rows of the train file drawn at random with ``seed`` (the paper's
+            ``--sample 10000``), in file order; None keeps all. Not together with ``train_subset``.
+        bucket_by_length: group train micro-batches by length (see :class:`EpochShuffleSampler`).
         num_negatives: negatives per train sample (0: no ``neg_*`` keys). Valid/test carry none.
         fixed_negatives: draw epoch 0's negatives every epoch.
         seed: seeds the train shuffle and the negatives.
@@ -217,10 +281,15 @@ class RecDataModule(L.LightningDataModule):
     def __init__(self, dataset_cfg, tokenizer, catalog: ItemCatalog, micro_batch_size: int = 4,
                  eval_batch_size: int = 8, train_subset: int | None = None, valid_subset: int | None = None,
                  test_subset: int | None = None, num_negatives: int = 0, fixed_negatives: bool = False,
-                 seed: int = 0, num_workers: int = 0):
+                 seed: int = 0, num_workers: int = 0, sample: int | None = None, bucket_by_length: bool = True):
         super().__init__()
         if micro_batch_size < 1 or eval_batch_size < 1:
             raise ValueError("micro_batch_size and eval_batch_size must be >= 1")
+        if sample is not None and train_subset is not None:
+            raise ValueError(f"data.sample={sample} (random rows) and data.train_subset={train_subset} (first rows) "
+                             "both select train rows; set one of them to null")
+        if sample is not None and int(sample) < 1:
+            raise ValueError(f"data.sample must be >= 1 or null (got {sample})")
         if num_negatives < 0:
             raise ValueError(f"num_negatives must be >= 0 (got {num_negatives})")
         self.cfg = dataset_cfg
@@ -229,12 +298,13 @@ class RecDataModule(L.LightningDataModule):
         self.micro_batch_size = micro_batch_size
         self.eval_batch_size = eval_batch_size
         self.subsets = {"train": train_subset, "valid": valid_subset, "test": test_subset}
+        self.sample = None if sample is None else int(sample)
+        self.bucket_by_length = bool(bucket_by_length)
         self.num_negatives = num_negatives
         self.fixed_negatives = fixed_negatives
         self.seed = seed
         self.num_workers = num_workers
-        self.builder = PromptBuilder(tokenizer, catalog.titles, _get(dataset_cfg, "instruction"),
-                                     _get(dataset_cfg, "input_prefix"), int(_get(dataset_cfg, "cutoff_len", 512)))
+        self.builder = PromptBuilder.from_config(dataset_cfg, tokenizer, catalog.titles)
         self.collator = Collator(catalog, pad_id_of(tokenizer, catalog))
         self.datasets: dict[str, RecDataset] = {}
         self.train_targets: list[int] = []
@@ -249,6 +319,8 @@ class RecDataModule(L.LightningDataModule):
         samples = read_samples(path, self.catalog.titles)
         if self.subsets[split] is not None:
             samples = samples[: int(self.subsets[split])]
+        if split == "train" and self.sample is not None:
+            samples = sample_rows(samples, self.sample, self.seed, path)
         negs = self.num_negatives if split == "train" else 0
         ds = RecDataset(encode_samples(samples, self.builder, self.catalog), self.catalog, negs,
                         self.fixed_negatives, self.seed)
@@ -288,7 +360,11 @@ class RecDataModule(L.LightningDataModule):
         ds = self._load("train")
         if ds is None:
             raise ValueError("dataset.train_file is null; no train dataloader")
-        self._train_sampler = EpochShuffleSampler(ds, self.seed)
+        trainer = self.trainer  # set by Lightning; None when used on its own
+        replicas, rank = (trainer.world_size, trainer.global_rank) if trainer is not None else (1, 0)
+        lengths = [len(e.prompt_ids) + len(e.response_ids) for e in ds.encoded] if self.bucket_by_length else None
+        self._train_sampler = EpochShuffleSampler(ds, self.seed, lengths, self.micro_batch_size,
+                                                  num_replicas=replicas, rank=rank)
         self._train_sampler.set_epoch(ds.epoch)
         return self._loader("train", self.micro_batch_size, self._train_sampler)
 

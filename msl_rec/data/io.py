@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import ast
 import csv
+import io
 from collections.abc import Container
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,6 +18,29 @@ from pathlib import Path
 from msl_rec.data.errors import DataError
 
 COLUMNS = ("user_id", "item_ids", "timestamp")
+INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
+
+
+def read_text(path: str | Path) -> str:
+    """A UTF-8 text file (a leading byte-order mark is dropped); a bad byte is a :class:`DataError`
+    naming the line and byte offset."""
+    path = Path(path)
+    data = path.read_bytes()
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        line = data[: e.start].count(b"\n") + 1
+        raise DataError(
+            f"{path}: line {line} (byte offset {e.start}): byte {data[e.start:e.start + 1]!r} is not UTF-8; "
+            "re-save the file as UTF-8"
+        ) from None
+
+
+def check_int64(value: int, where: str, field: str) -> int:
+    """``value`` if it fits an int64 (the tensors' dtype), else a :class:`DataError`."""
+    if not INT64_MIN <= value <= INT64_MAX:
+        raise DataError(f"{where}: field {field!r}: {value} does not fit in int64; renumber the ids")
+    return value
 
 
 @dataclass(frozen=True)
@@ -42,9 +66,10 @@ class Sample:
 
 def _parse_int(value: str | None, where: str, field: str) -> int:
     try:
-        return int(str(value).strip())
+        number = int(str(value).strip())
     except (TypeError, ValueError):
         raise DataError(f"{where}: field {field!r} is not an integer (got {value!r})") from None
+    return check_int64(number, where, field)
 
 
 def _parse_item_ids(value: str | None, where: str) -> list[int]:
@@ -58,7 +83,7 @@ def _parse_item_ids(value: str | None, where: str) -> list[int]:
         raise DataError(
             f"{where}: field 'item_ids' has {len(ids)} id(s); need a history of at least one item plus the target"
         )
-    return list(ids)
+    return [check_int64(i, where, "item_ids") for i in ids]
 
 
 def read_samples(path: str | Path, known_items: Container[int] | None = None) -> list[Sample]:
@@ -69,14 +94,14 @@ def read_samples(path: str | Path, known_items: Container[int] | None = None) ->
         known_items: if given (e.g. the catalog's ``titles``), every item id must be in it.
 
     Raises:
-        DataError: missing file, missing column, a malformed ``user_id``/``timestamp``/``item_ids``
+        DataError: missing file, not UTF-8, no data rows, missing column, a malformed ``user_id``/``timestamp``/``item_ids``
             field, fewer than two ids, or an unknown item id; the message names file, row and field.
     """
     path = Path(path)
     if not path.is_file():
         raise DataError(f"{path}: data file not found")
     samples: list[Sample] = []
-    with path.open(newline="", encoding="utf-8") as f:
+    with io.StringIO(read_text(path), newline="") as f:
         reader = csv.DictReader(f)
         missing = [c for c in COLUMNS if c not in (reader.fieldnames or [])]
         if missing:
@@ -91,4 +116,6 @@ def read_samples(path: str | Path, known_items: Container[int] | None = None) ->
                 if unknown:
                     raise DataError(f"{where}: field 'item_ids': unknown item id(s) {unknown} (not in the item file)")
             samples.append(Sample(user, tuple(ids[:-1]), ids[-1], ts))
+    if not samples:
+        raise DataError(f"{path}: no data rows (only a header); point the dataset config at a file with rows")
     return samples

@@ -8,13 +8,21 @@ target are exactly :meth:`ItemCatalog.response_ids` and the trie's valid sets ap
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Mapping, Sequence
 
+from msl_rec.data.errors import DataError
+
+# The released code's training template, character for character: ONE space after "request."
+# (its inference script has two; this framework uses the training text for training AND decoding,
+# so a model is evaluated on the prompt it was tuned on).
 ALPACA_TEMPLATE = (
     "Below is an instruction that describes a task, paired with an input that provides further context. "
-    "Write a response that appropriately completes the request.\n\n"
+    "Write a response that appropriately completes the request. \n\n"
     "### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Response:\n"
 )
+# the released input field ends in newline + space: input_prefix + '"t1", "t2"' + INPUT_SUFFIX
+INPUT_SUFFIX = "\n "
 
 
 def format_history(titles: Sequence[str]) -> str:
@@ -26,7 +34,8 @@ class PromptBuilder:
     """Build prompt token ids from a user's history.
 
     Args:
-        tokenizer: a HF tokenizer (or any callable returning ``{"input_ids": ...}``).
+        tokenizer: a HF tokenizer (or any callable returning ``{"input_ids": ...}``). Its special
+            tokens are added to the prompt (LLaMA-3's BOS 128000; SmolLM2 adds none).
         titles: item id -> title.
         instruction: the dataset's instruction sentence.
         input_prefix: text before the quoted history titles in the input field.
@@ -45,34 +54,65 @@ class PromptBuilder:
         self.cutoff_len = cutoff_len
         self.template = template
 
+    @classmethod
+    def from_config(cls, dataset_cfg, tokenizer, titles: Mapping[int, str]) -> PromptBuilder:
+        """The builder a ``configs/dataset/*.yaml`` config (a mapping or an object) describes."""
+        get = dataset_cfg.get if hasattr(dataset_cfg, "get") else (lambda k, d=None: getattr(dataset_cfg, k, d))
+        return cls(tokenizer, titles, get("instruction"), get("input_prefix"), int(get("cutoff_len", 512)))
+
     def text(self, history: Sequence[int]) -> str:
         """The prompt text for a history of item ids (oldest first)."""
-        body = self.input_prefix + format_history([self.titles[i] for i in history])
+        body = self.input_prefix + format_history([self.titles[i] for i in history]) + INPUT_SUFFIX
         return self.template.format(instruction=self.instruction, input=body)
 
-    def _encode(self, texts: list[str]) -> list[list[int]]:
-        return [list(ids) for ids in self.tokenizer(texts)["input_ids"]]
+    def _encode(self, texts: list[str], add_special_tokens: bool = True) -> list[list[int]]:
+        return [list(ids) for ids in self.tokenizer(texts, add_special_tokens=add_special_tokens)["input_ids"]]
 
     def build(self, history: Sequence[int], response_len: int) -> list[int]:
         """Prompt ids for one history; see :meth:`build_batch`."""
         return self.build_batch([history], [response_len])[0]
 
     def build_batch(self, histories: Sequence[Sequence[int]], response_lens: Sequence[int]) -> list[list[int]]:
-        """Prompt ids for many histories, tokenised in one batch call.
+        """Prompt ids for many histories, tokenised in one batch call; see :meth:`fit_batch`."""
+        return [ids for _, ids in self.fit_batch(histories, response_lens)]
+
+    def fit_batch(self, histories: Sequence[Sequence[int]],
+                  response_lens: Sequence[int]) -> list[tuple[int, list[int]]]:
+        """``(start, prompt ids)`` per history: the prompt of ``history[start:]`` fitted to ``cutoff_len``.
 
         When ``len(prompt) + response_len > cutoff_len`` the OLDEST history items are dropped one
         at a time until it fits, keeping at least the most recent one. If the one-item prompt is
         still too long, its ids are left-truncated to ``max(cutoff_len - response_len, 1)`` tokens
-        (which cuts the template's opening and a BOS). The response is never truncated, so a
-        response longer than ``cutoff_len - 1`` yields a row longer than ``cutoff_len``.
+        (which cuts the template's opening and a BOS): that warns with the counts, and if EVERY
+        prompt loses its instruction it is a :class:`DataError` (``cutoff_len`` is too small to
+        mean anything). The response is never truncated, so a response longer than
+        ``cutoff_len - 1`` yields a row longer than ``cutoff_len``.
         """
         out = self._encode([self.text(h) for h in histories])
+        starts = [0] * len(out)
+        truncated: list[int] = []
         for b, (hist, rlen) in enumerate(zip(histories, response_lens)):
             budget = self.cutoff_len - rlen
-            start = 0
-            while len(out[b]) > budget and start < len(hist) - 1:
-                start += 1
-                out[b] = self._encode([self.text(hist[start:])])[0]
+            while len(out[b]) > budget and starts[b] < len(hist) - 1:
+                starts[b] += 1
+                out[b] = self._encode([self.text(hist[starts[b]:])])[0]
             if len(out[b]) > budget:
+                truncated.append(b)
                 out[b] = out[b][-max(budget, 1):]
-        return out
+        if truncated:
+            self._report_truncation(histories, response_lens, starts, out, truncated)
+        return list(zip(starts, out))
+
+    def _report_truncation(self, histories, response_lens, starts, out, truncated: list[int]) -> None:
+        texts = [self.text(histories[b][starts[b]:]) for b in truncated]
+        # the tokens from the instruction on: a prompt keeping fewer has lost (part of) its instruction
+        tails = self._encode([t[max(t.find(self.instruction), 0):] for t in texts], add_special_tokens=False)
+        lost = sum(len(out[b]) < len(tail) for b, tail in zip(truncated, tails))
+        need = max(len(ids) for ids in self._encode(texts)) + max(response_lens[b] for b in truncated)
+        msg = (f"dataset.cutoff_len={self.cutoff_len}: {len(truncated)} of {len(histories)} prompt(s) do not fit even "
+               f"with only the most recent history item and were left-truncated (the shortest kept "
+               f"{min(len(out[b]) for b in truncated)} token(s)); {lost} of them lost their instruction. Raise "
+               f"dataset.cutoff_len (the longest such prompt + response needs {need} tokens).")
+        if lost == len(histories):
+            raise DataError(msg)
+        warnings.warn(msg, stacklevel=3)

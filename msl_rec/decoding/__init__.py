@@ -58,4 +58,9 @@ def build_decoder(cfg, catalog, train_targets: Iterable[int] | None = None) -> D
         if train_targets is None:
             raise ValueError("decoder 'popularity' needs train_targets (the training target item ids)")
         return cls(catalog, train_targets, **kwargs)
-    return cls(catalog, **kwargs)
+    decoder = cls(catalog, **kwargs)
+    if isinstance(decoder, ConstrainedBeamSearch):
+        from msl_rec.data.catalog import warn_undecodable_titles
+
+        warn_undecodable_titles(catalog, decoder.max_new_tokens)
+    return decoder

@@ -13,12 +13,14 @@ import torch
 import torch.nn.functional as F
 
 __all__ = [
+    "ats_positions",
     "ats_root",
     "ats_temperature",
     "lml_loss",
     "msl_alpha_loss",
     "msl_loss",
     "msl_loss_from_hidden",
+    "positive_weight",
     "sdpo_loss",
     "sequence_logps",
     "union_logits",
@@ -102,17 +104,90 @@ def msl_loss_from_hidden(hidden: torch.Tensor, weight: torch.Tensor, labels: tor
     return msl_loss(logits, label_cols, valid_cols, tau)
 
 
+def msl_alpha_loss(logits: torch.Tensor, labels: torch.Tensor, valid_ids: torch.Tensor, vocab_size: int,
+                   tau: float = 1.0) -> torch.Tensor:
+    """Table 6's "MSL + alpha": MSL with the valid NON-target terms of the denominator weighted by alpha.
+
+    Per position ``alpha = |Z| / |Z_valid|`` (vocabulary size over valid-set size) and the loss is
+    ``tau * -log(exp(f_y/tau) / (exp(f_y/tau) + alpha * sum_{z valid, z != y} exp(f_z/tau)))``.
+    Invalid tokens stay out, as in :func:`msl_loss`; positions with a single valid token are left out
+    of the mean the same way. The weighting is ``+ log(alpha)`` on the non-target valid logits inside
+    one log-sum-exp (exact and stable), so union logits suffice: no full-vocabulary logits.
+
+    Args:
+        logits: (N, C) scores; ``valid_ids`` / ``labels`` index its columns (C = V, or the union
+            logits of :func:`union_logits`).
+        labels: (N,) target column, one of the row's valid columns.
+        valid_ids: (N, K) valid columns per row, padded with -1.
+        vocab_size: |Z|, the size of the whole vocabulary (not C).
+    """
+    logits = logits.float()
+    valid = valid_ids >= 0
+    sizes = valid.sum(1)
+    log_alpha = math.log(vocab_size) - sizes.clamp_min(1).double().log().float()  # (N,)
+    cols = valid_ids.clamp_min(0)
+    f_valid = logits.gather(1, cols) / tau
+    negative = valid & (cols != labels.unsqueeze(1))
+    f_valid = torch.where(negative, f_valid + log_alpha.unsqueeze(1), f_valid).masked_fill(~valid, float("-inf"))
+    f_pos = logits.gather(1, labels.unsqueeze(1)).squeeze(1) / tau
+    nll = tau * (torch.logsumexp(f_valid, dim=1) - f_pos)
+    return _masked_mean(nll, sizes > 1)
+
+
+@torch.no_grad()
+def positive_weight(logits: torch.Tensor, labels: torch.Tensor, valid_ids: torch.Tensor | None = None,
+                    tau: float = 1.0) -> torch.Tensor:
+    """(N,) the paper's w (Eq. 7 / 10, Fig. 5): ``1 - P(y)``, the weight of the positive token's gradient.
+
+    ``valid_ids=None``: LML's w, ``P`` the full softmax of ``logits / tau`` (pass full-vocabulary
+    logits). Otherwise MSL's w, ``P_valid`` the softmax over each row's valid columns only (full or
+    union logits both work). MSL's w is never larger than LML's on the same logits (its denominator
+    is a subset of the terms), which is the "vanishing gradient" the temperature counters.
+    """
+    scaled = logits.float() / tau
+    if valid_ids is None:
+        lse = torch.logsumexp(scaled, dim=1)
+    else:
+        valid = valid_ids >= 0
+        lse = torch.logsumexp(scaled.gather(1, valid_ids.clamp_min(0)).masked_fill(~valid, float("-inf")), dim=1)
+    p = (scaled.gather(1, labels.unsqueeze(1)).squeeze(1) - lse).exp()
+    return (1.0 - p).clamp_min(0.0)
+
+
 @torch.no_grad()
 def valid_probability(logits: torch.Tensor, valid_ids: torch.Tensor, tau: float = 1.0) -> torch.Tensor:
     """(N,) probability mass the full softmax of ``logits / tau`` puts on each row's valid set.
 
-    ``1 - valid_probability`` is the weight ``w`` of Fig. 5: the share of the LML gradient spent on
-    pushing down tokens that can never be generated under constrained decoding.
+    ``1 - valid_probability`` is the mass on tokens the trie can never emit (logged as
+    ``invalid_mass``). It is NOT the paper's w of Fig. 5; that is :func:`positive_weight`.
     """
     logp = torch.log_softmax(logits.float() / tau, dim=1)
     valid = valid_ids >= 0
     lp_valid = logp.gather(1, valid_ids.clamp_min(0)).masked_fill(~valid, float("-inf"))
     return torch.logsumexp(lp_valid, dim=1).exp().clamp_max(1.0)
+
+
+def ats_positions(first: torch.Tensor, valid_ids: torch.Tensor, seq_index: torch.Tensor, num_sequences: int,
+                  stats_at: str = "root") -> torch.Tensor:
+    """(N,) bool: the one response position per sequence that ATS takes its statistics from.
+
+    ``"root"``: each sequence's first response position (the trie root, as the released code).
+    ``"widest"``: each sequence's position with the largest valid set (the first such on ties).
+    """
+    if stats_at == "root":
+        return first.clone()
+    if stats_at != "widest":
+        raise ValueError(f"stats_at must be 'root' or 'widest', got {stats_at!r}")
+    sizes = (valid_ids >= 0).sum(1)
+    widest = sizes.new_full((num_sequences,), -1).scatter_reduce(0, seq_index, sizes, reduce="amax")
+    at_max = sizes == widest[seq_index]
+    # first row of each sequence at its maximum: rows are in sequence order, so the earliest index wins
+    rows = torch.arange(len(sizes), device=sizes.device)
+    pick = rows.new_full((num_sequences,), len(sizes)).scatter_reduce(
+        0, seq_index[at_max], rows[at_max], reduce="amin")
+    out = torch.zeros_like(first)
+    out[pick[pick < len(sizes)]] = True
+    return out
 
 
 def ats_root(gap: torch.Tensor, var: torch.Tensor, num_valid: torch.Tensor | float,
@@ -181,35 +256,3 @@ def sequence_logps(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Ten
     token_logps = logits.gather(1, labels.unsqueeze(1)).squeeze(1) - torch.logsumexp(logits, dim=1)
     out = torch.zeros(num_sequences, dtype=token_logps.dtype, device=token_logps.device)
     return out.index_add(0, seq_index, token_logps)
-
-
-
-def msl_alpha_loss(logits: torch.Tensor, labels: torch.Tensor, valid_ids: torch.Tensor,
-                   tau: float = 1.0) -> torch.Tensor:
-    """Table 6's "MSL + alpha" ablation: invalid tokens stay in the denominator, scaled by alpha.
-
-    Per position, ``alpha = V / |valid set|`` and the loss is
-    ``tau * -log(exp(f_y/tau) / (sum_{z valid} exp(f_z/tau) + alpha * sum_{z invalid} exp(f_z/tau)))``,
-    averaged over the same positions as :func:`msl_loss` (valid set larger than one) so the ablation
-    changes only the denominator. The weighting is applied as ``+ log(alpha)`` on the invalid logits
-    inside one log-sum-exp, which is exact and stable (no ``exp(LSE_all) - exp(LSE_valid)``).
-
-    Args:
-        logits: (N, V) full-vocabulary logits at the response positions.
-        labels: (N,) targets; valid_ids: (N, K) valid ids padded with -1.
-    """
-    logits = logits.float()
-    n, v = logits.shape
-    valid = valid_ids >= 0
-    sizes = valid.sum(1)
-    log_alpha = math.log(v) - sizes.clamp_min(1).float().log()  # (N,)
-    scaled = logits / tau
-    f_valid = scaled.gather(1, valid_ids.clamp_min(0))
-    # Every logit gets + log(alpha), then the valid ones are written back unscaled; pads go to an
-    # extra column that is dropped.
-    weighted = torch.cat([scaled + log_alpha.unsqueeze(1), scaled.new_zeros(n, 1)], dim=1)
-    index = torch.where(valid, valid_ids, torch.full_like(valid_ids, v))
-    weighted = weighted.scatter(1, index, torch.where(valid, f_valid, torch.zeros_like(f_valid)))[:, :v]
-    f_pos = scaled.gather(1, labels.unsqueeze(1)).squeeze(1)
-    nll = tau * (torch.logsumexp(weighted, dim=1) - f_pos)
-    return _masked_mean(nll, sizes > 1)

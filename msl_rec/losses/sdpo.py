@@ -1,14 +1,23 @@
 """S-DPO: softmax direct preference optimisation with several sampled negative items.
 
-Recipe (as in the S-DPO paper and MSL's comparison): train with LML first, then start S-DPO from
-that SFT checkpoint with ``beta = 1``, 3 negatives per sample, learning rate 1e-5, for 3 epochs.
-The reference model is the same network with its LoRA adapter disabled (the SFT weights), so the
-LightningModule computes ``ref_logps`` under ``disable_adapter()`` and no second copy is kept.
+Recipe (as in the S-DPO paper and MSL's comparison; ``configs/experiment/books_sdpo.yaml``): train
+with LML first, then start S-DPO from that SFT checkpoint (``sdpo.sft_ckpt``, merged into the base)
+with ``beta = 1``, 3 negatives per sample, learning rate 1e-5, for 3 epochs. The loss config holds
+only the loss's hyperparameters (beta, num_negatives); the recipe's lr and epochs are set by the
+preset as ``optim.lr`` and ``trainer.max_epochs``.
+
+The recipe's two steps besides the loss live here too: :func:`merge_negatives` puts the sampled
+negatives after the positives in one batch, and :func:`reference_logps` scores every sequence with
+the reference model, which is the same network with its LoRA adapter disabled (the SFT weights),
+so no second copy is kept.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable, Mapping
+
 import torch
+from torch import nn
 
 from msl_rec.losses.base import RecLoss, ResponseBatch
 from msl_rec.losses.functional import sdpo_loss, sequence_logps
@@ -20,11 +29,6 @@ class SDPOLoss(RecLoss):
     Args:
         beta: scale of the implicit reward ``beta * (log pi - log pi_ref)``.
         num_negatives: n, negatives per sample the data module must add.
-        sft_ckpt, lr, epochs, fixed_negatives: the recipe, carried here so the Hydra config stays
-            one flat node. ``forward`` never uses them; the training app reads them from the
-            instantiated loss (``loss.sft_ckpt`` ...): the checkpoint to start from, the learning
-            rate and epoch count to use, and whether negatives are sampled once (True) or anew
-            every epoch (False).
 
     Metrics: ``loss``, ``reward_margin`` (mean of ``beta * (r_pos - mean_j r_neg_j)``) and
     ``reward_accuracy`` (share of samples whose positive reward beats every negative's).
@@ -32,17 +36,12 @@ class SDPOLoss(RecLoss):
 
     needs_reference = True
 
-    def __init__(self, beta: float = 1.0, num_negatives: int = 3, sft_ckpt: str | None = None,
-                 lr: float = 1e-5, epochs: int = 3, fixed_negatives: bool = False):
+    def __init__(self, beta: float = 1.0, num_negatives: int = 3):
         super().__init__()
         if num_negatives < 1:
             raise ValueError(f"num_negatives must be >= 1, got {num_negatives}")
         self.beta = float(beta)
         self.num_negatives = int(num_negatives)
-        self.sft_ckpt = sft_ckpt
-        self.lr = float(lr)
-        self.epochs = int(epochs)
-        self.fixed_negatives = bool(fixed_negatives)
 
     def forward(self, batch: ResponseBatch) -> tuple[torch.Tensor, dict[str, float]]:
         if batch.ref_logps is None:
@@ -62,3 +61,29 @@ class SDPOLoss(RecLoss):
             margin = (r_pos - r_neg.mean(1)).mean()
             accuracy = (r_pos > r_neg.max(1).values).float().mean()
         return loss, {"loss": loss.item(), "reward_margin": margin.item(), "reward_accuracy": accuracy.item()}
+
+
+def merge_negatives(batch: Mapping[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(input_ids, attention_mask, labels) of the positives, then the negatives in (b, j) order,
+    left-padded to one length: ``S = B * (1 + n)`` rows."""
+    ids, am, lab = batch["input_ids"], batch["attention_mask"], batch["labels"]
+    nids, nam, nlab = batch["neg_input_ids"], batch["neg_attention_mask"], batch["neg_labels"]
+    T = max(ids.shape[1], nids.shape[1])
+    pad_id = int(ids[am == 0][0]) if bool((am == 0).any()) else 0
+
+    def left_pad(x, value):
+        return torch.nn.functional.pad(x, (T - x.shape[1], 0), value=value)
+
+    return (torch.cat([left_pad(ids, pad_id), left_pad(nids, pad_id)]),
+            torch.cat([left_pad(am, 0), left_pad(nam, 0)]),
+            torch.cat([left_pad(lab, -100), left_pad(nlab, -100)]))
+
+
+@torch.no_grad()
+def reference_logps(model: nn.Module, hidden_states: Callable[[], torch.Tensor], weight: torch.Tensor,
+                    labels: torch.Tensor, seq_index: torch.Tensor, num_sequences: int) -> torch.Tensor:
+    """(S,) log P_ref(response) of every sequence: ``hidden_states()`` (the (N, d) response rows)
+    run with ``model``'s adapter disabled, i.e. the base with the merged SFT adapter."""
+    with model.disable_adapter():
+        hidden = hidden_states()
+    return sequence_logps(hidden, weight, labels, seq_index, num_sequences).detach()

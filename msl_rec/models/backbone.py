@@ -144,9 +144,11 @@ def build_backbone(cfg: Mapping[str, Any], on_meta: bool = False, merge_adapter:
     lora = cfg.get("lora") or {}
     if merge_adapter is not None:
         sft = attach_lora(base, lora)
-        missing = [k for k in merge_adapter if k not in dict(sft.named_parameters())]
-        if missing:
-            raise ValueError(f"SFT adapter does not match backbone {cfg.get('name')!r}: e.g. {missing[:3]}")
+        lora_params = {n for n, p in sft.named_parameters() if p.requires_grad}
+        missing, unexpected = sorted(lora_params - set(merge_adapter)), sorted(set(merge_adapter) - lora_params)
+        if missing or unexpected:
+            raise ValueError(f"SFT adapter does not match backbone {cfg.get('name')!r} with its LoRA settings: "
+                             f"missing e.g. {missing[:3]}, unexpected e.g. {unexpected[:3]}")
         sft.load_state_dict(dict(merge_adapter), strict=False)
         base = sft.merge_and_unload()
     return attach_lora(base, lora)

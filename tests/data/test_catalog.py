@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from msl_rec.data.catalog import ItemCatalog
+from msl_rec.data.catalog import ItemCatalog, load_titles, warn_undecodable_titles
 from msl_rec.data.errors import DataError
 
 from .helpers import CharTokenizer, brute_force_trie, brute_force_valid
@@ -96,3 +96,54 @@ def test_random_catalog_matches_brute_force_trie():
         for tok in prefix:
             node = node[tok]
         assert catalog.allowed(list(prefix)) == sorted(node)
+
+
+def _item_file(tmp_path, text: str):
+    path = tmp_path / "items.json"
+    path.write_text(text)
+    return path
+
+
+def test_keys_parsing_to_the_same_id_are_an_error(tmp_path):
+    path = _item_file(tmp_path, '{"545": "a", "7": "b", "0545": "c"}')
+    with pytest.raises(DataError, match=r"items.json: item keys '545' and '0545' are both item id 545"):
+        load_titles(path)
+
+
+def test_non_string_title_names_key_and_type(tmp_path):
+    path = _item_file(tmp_path, '{"1": "a", "2": 42}')
+    with pytest.raises(DataError, match=r"items.json: item '2': field 'title' must be a string, got int \(42\)"):
+        load_titles(path)
+
+
+def test_item_file_bom_and_bad_bytes(tmp_path):
+    path = tmp_path / "items.json"
+    path.write_bytes(b'\xef\xbb\xbf{"1": "a"}')
+    assert load_titles(path) == {1: "a"}
+    path.write_bytes(b'{"1": "a",\n "2": "\xff"}')
+    with pytest.raises(DataError, match=r"items.json: line 2 \(byte offset 18\): .* not UTF-8"):
+        load_titles(path)
+    path.write_text(f'{{"1": "a", "{2**63}": "b"}}')
+    with pytest.raises(DataError, match=r"item key '9223372036854775808'.* does not fit in int64"):
+        load_titles(path)
+
+
+def test_titles_longer_than_max_new_tokens_warn_once():
+    catalog = ItemCatalog({1: "ab", 2: "abcdef", 3: "abcdefg", 4: "x"}, CharTokenizer())
+    longest = len(catalog.response_ids(3))  # '"abcdefg"' + EOS = 10
+    with pytest.warns(UserWarning, match=rf"max_new_tokens=8: 2 catalog item\(s\).*longest is {longest} tokens"):
+        assert warn_undecodable_titles(catalog, 8) == 2
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert warn_undecodable_titles(catalog, 8) == 2   # no second warning for the same limit
+        assert warn_undecodable_titles(catalog, longest) == 0
+
+
+def test_build_decoder_warns_about_undecodable_titles():
+    from msl_rec.decoding import build_decoder
+
+    catalog = ItemCatalog({1: "ab", 2: "abcdefg"}, CharTokenizer())
+    with pytest.warns(UserWarning, match=r"max_new_tokens=5: 1 catalog item\(s\).*e.g. item 2"):
+        build_decoder({"name": "cbs", "num_beams": 2, "top_k": [1], "max_new_tokens": 5}, catalog)

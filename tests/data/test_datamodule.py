@@ -115,3 +115,57 @@ def test_negatives(cfg, tokenizer, catalog):
     assert dm.datasets["train"].epoch == 1
     fixed = make_dm(cfg, tokenizer, catalog, num_negatives=n, fixed_negatives=True)
     assert negatives_by_target(fixed, 0)[0] == negatives_by_target(fixed, 5)[0] == e0
+
+
+def padding_fraction(loader) -> float:
+    pads = total = 0
+    for batch in loader:
+        mask = batch["attention_mask"]
+        pads, total = pads + int((mask == 0).sum()), total + mask.numel()
+    return pads / total
+
+
+def test_bucketing_lowers_padding_on_real_rows_and_keeps_every_row(cfg, tokenizer, catalog):
+    bucketed = make_dm(cfg, tokenizer, catalog, train_subset=400)
+    plain = make_dm(cfg, tokenizer, catalog, train_subset=400, bucket_by_length=False)
+    rows = lambda dm: sorted(t for b in dm.train_dataloader() for t in b["user_ids"].tolist())
+    assert rows(bucketed) == rows(plain) == sorted(e.sample.user_id for e in plain.datasets["train"].encoded)
+    after, before = padding_fraction(bucketed.train_dataloader()), padding_fraction(plain.train_dataloader())
+    assert after < 0.5 * before
+
+
+def test_sample_draws_seeded_random_rows(cfg, tokenizer, catalog):
+    from msl_rec.data.datamodule import sample_rows
+    from msl_rec.data.errors import DataError
+    from msl_rec.data.io import read_samples
+
+    rows = read_samples(cfg.dataset.train_file)
+    a, b, c = sample_rows(rows, 50, 1), sample_rows(rows, 50, 1), sample_rows(rows, 50, 2)
+    assert a == b and a != c and len(set(map(id, a))) == 50
+    assert [rows.index(s) for s in a] == sorted(rows.index(s) for s in a) != list(range(50))  # file order, not first N
+    with pytest.raises(DataError, match=rf"train_sample.csv: data.sample={len(rows) + 1} but the file has only "
+                                        rf"{len(rows)} rows"):
+        make_dm(cfg, tokenizer, catalog, train_subset=None, sample=len(rows) + 1)
+    dm = make_dm(cfg, tokenizer, catalog, train_subset=None, sample=20, seed=7)
+    assert [e.sample for e in dm.datasets["train"].encoded] == sample_rows(rows, 20, 7)
+    assert dm.train_targets == [s.target for s in sample_rows(rows, 20, 7)]
+    with pytest.raises(ValueError, match="data.sample=20 .* and data.train_subset=12 .* set one of them to null"):
+        make_dm(cfg, tokenizer, catalog, sample=20)
+
+
+def test_train_sampler_under_ddp_takes_this_ranks_share(cfg, tokenizer, catalog):
+    """Under a (fake) 2-process trainer each rank's loader holds its own half; Lightning leaves a
+    DistributedSampler in place instead of wrapping it again."""
+    from types import SimpleNamespace
+
+    from torch.utils.data import DistributedSampler
+
+    shares = []
+    for rank in (0, 1):
+        dm = make_dm(cfg, tokenizer, catalog, train_subset=30)
+        dm.trainer = SimpleNamespace(world_size=2, global_rank=rank)
+        loader = dm.train_dataloader()
+        assert isinstance(loader.sampler, DistributedSampler)
+        shares.append([i for i in loader.sampler])
+    assert len(shares[0]) == len(shares[1]) == 15 and not set(shares[0]) & set(shares[1])
+    assert set(shares[0]) | set(shares[1]) == set(range(30))

@@ -48,3 +48,36 @@ def test_missing_column(tmp_path):
     path = write(tmp_path, 'user_id,items,timestamp\n1,"[1, 2]",5\n')
     with pytest.raises(DataError, match=r"rows.csv: header: missing column\(s\) \['item_ids'\]"):
         read_samples(path)
+
+
+def test_header_only_csv_is_a_data_error(tmp_path):
+    path = write(tmp_path, HEADER)
+    with pytest.raises(DataError, match=r"rows.csv: no data rows \(only a header\)"):
+        read_samples(path)
+
+
+def test_utf8_bom_csv_reads(tmp_path):
+    path = tmp_path / "bom.csv"
+    path.write_bytes(b"\xef\xbb\xbf" + (HEADER + '7,"[1, 2]",100\n').encode())
+    assert read_samples(path, KNOWN) == [Sample(7, (1,), 2, 100)]
+
+
+def test_non_utf8_byte_names_line_and_offset(tmp_path):
+    path = tmp_path / "latin.csv"
+    body = (HEADER + '7,"[1, 2]",100\n').encode() + b'8,"[1, 2]",10\xe9\n'
+    path.write_bytes(body)
+    offset = body.index(b"\xe9")
+    with pytest.raises(DataError, match=rf"latin.csv: line 3 \(byte offset {offset}\): .* not UTF-8"):
+        read_samples(path)
+
+
+@pytest.mark.parametrize("body, field", [
+    (f'{2**63},"[1, 2]",5\n', "user_id"),
+    (f'1,"[1, {2**63}]",5\n', "item_ids"),
+    (f'1,"[1, 2]",{-2**63 - 1}\n', "timestamp"),
+])
+def test_ids_beyond_int64_name_row_and_field(tmp_path, body, field):
+    path = write(tmp_path, HEADER + '1,"[1, 2]",5\n' + body)
+    with pytest.raises(DataError, match=rf"rows.csv: row 2 \(line 3\): field '{field}': -?\d+ does not fit in int64"):
+        read_samples(path)
+    assert read_samples(write(tmp_path, HEADER + f'{2**63 - 1},"[1, 2]",5\n'))[0].user_id == 2**63 - 1

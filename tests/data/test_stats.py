@@ -46,3 +46,24 @@ def test_books_avt_llama3_matches_brute_force(capsys):
     catalog = ItemCatalog.from_file(cfg.dataset.item_file, load_llama3_tokenizer(), allow_empty_titles=True)
     assert result["avt"] == pytest.approx(brute_force_avt(catalog, read_samples(cfg.dataset.train_file)))
     assert result["items"] == 6344 and result["rows"] == 8977
+
+
+def test_show_prompt_prints_the_first_train_rows_prompt_as_json(tmp_path, capsys):
+    import json
+
+    from msl_rec.models.tokenizers import load_gguf_tokenizer
+
+    from .test_prompts import RELEASED_TEMPLATE, RELEASED_WORDING
+
+    (tmp_path / "items.json").write_text('{"1": "Dune", "2": "Emma", "3": "Ulysses"}')
+    (tmp_path / "train.csv").write_text('user_id,item_ids,timestamp\n4,"[3, 1, 2]",5\n5,"[1, 2]",6\n')
+    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
+        cfg = compose("stats", overrides=["dataset=books", "show_prompt=1", f"dataset.item_file={tmp_path}/items.json",
+                                          f"dataset.train_file={tmp_path}/train.csv"])
+    stats(cfg)
+    record = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    instruction, prefix = RELEASED_WORDING["books"]
+    assert record["prompt"] == RELEASED_TEMPLATE.format(instruction=instruction, input=prefix + '"Ulysses", "Dune"')
+    tok = load_gguf_tokenizer()
+    assert record["prompt_ids"] == tok(record["prompt"])["input_ids"]
+    assert record["response_ids"] == tok('"Emma"', add_special_tokens=False)["input_ids"] + [tok.eos_token_id]

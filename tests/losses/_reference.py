@@ -48,19 +48,32 @@ def dense_mask(valid_ids: torch.Tensor, vocab: int) -> torch.Tensor:
 
 
 def dense_msl(hidden, weight, labels, valid_ids, tau=1.0, alpha_mode=False):
-    """Eq. 9 the paper-code way: full logits, dense mask, -inf fill, log_softmax."""
+    """Eq. 9 the paper-code way: full logits, dense mask, -inf fill, log_softmax.
+
+    ``alpha_mode`` (Table 6 "MSL + alpha"): the valid tokens other than the target get
+    ``+ log(alpha)``, ``alpha = V / |valid|``, i.e. their exp terms are multiplied by alpha; invalid
+    tokens stay at -inf (out of the denominator).
+    """
     logits = hidden @ weight.T / tau
     mask = dense_mask(valid_ids, weight.shape[0])
+    scores = logits.masked_fill(~mask, float("-inf"))
     if alpha_mode:
-        log_alpha = torch.log(torch.tensor(float(weight.shape[0]), dtype=logits.dtype)) - mask.sum(1).to(
-            logits.dtype).log()
-        scores = logits + (~mask) * log_alpha.unsqueeze(1)
-    else:
-        scores = logits.masked_fill(~mask, float("-inf"))
+        alpha = weight.shape[0] / mask.sum(1).to(logits.dtype)
+        negative = mask.clone()
+        negative[torch.arange(len(labels)), labels] = False
+        scores = scores + negative * torch.log(alpha).unsqueeze(1)
     logp = torch.log_softmax(scores, dim=1)
     nll = -tau * logp.gather(1, labels.unsqueeze(1)).squeeze(1)
     keep = mask.sum(1) > 1
     return nll[keep].mean() if keep.any() else nll.sum() * 0
+
+
+def dense_w(logits, labels, valid_ids=None, tau=1.0):
+    """The paper's w at the positive token: 1 - softmax(logits / tau)[y], over the valid set when given."""
+    scores = logits / tau
+    if valid_ids is not None:
+        scores = scores.masked_fill(~dense_mask(valid_ids, logits.shape[1]), float("-inf"))
+    return 1 - torch.softmax(scores, dim=1).gather(1, labels.unsqueeze(1)).squeeze(1)
 
 
 def value_and_grads(fn, hidden, weight):

@@ -1,0 +1,52 @@
+"""The loss-related presets compose to what the paper and its released code did."""
+
+from __future__ import annotations
+
+import pytest
+from omegaconf import OmegaConf
+
+
+def _compose(*overrides: str, hydra: bool = False):
+    from hydra import compose, initialize_config_dir
+
+    from msl_rec.utils.config import CONFIG_DIR
+
+    with initialize_config_dir(version_base="1.3", config_dir=CONFIG_DIR):
+        return compose("train.yaml", list(overrides), return_hydra_config=hydra)
+
+
+def test_paper_decodes_as_released():
+    """Table 5 used transformers' post-softmax CBS (prefix_allowed_tokens_fn), 10 beams, 128 new tokens."""
+    cfg = _compose("experiment=paper")
+    assert cfg.decoder.name == "cbs" and cfg.decoder.mask == "after"
+    assert cfg.decoder.num_beams == 10 and cfg.decoder.max_new_tokens == 128 and cfg.decoder.length_penalty == 1.0
+    assert cfg.loss._target_.endswith("MSLATSLoss") and cfg.loss.ema_init == 1.5 and cfg.loss.stats_at == "root"
+
+
+def test_paper_masked_is_fixed_tau_with_pre_softmax_cbs():
+    cfg = _compose("experiment=paper_masked")
+    paper = _compose("experiment=paper")
+    assert cfg.decoder.name == "cbs_masked" and cfg.decoder.mask == "before"
+    assert cfg.loss._target_ == "msl_rec.losses.MSLLoss" and cfg.loss.tau == 1.5
+    for key in ("backbone", "optim", "trainer", "data"):  # everything else as experiment=paper
+        assert cfg[key] == paper[key], key
+
+
+def test_ablation_lr_sweeps_msl_without_temperature():
+    cfg = _compose("experiment=ablation_lr", hydra=True)
+    params = cfg.hydra.sweeper.params
+    assert set(params["loss"].split(",")) == {"lml", "msl"} and len(params["optim.lr"].split(",")) >= 3
+    for loss in ("msl", "lml"):  # what each job of the sweep composes
+        job = _compose("experiment=ablation_lr", f"loss={loss}")
+        assert job.loss.tau == 1.0 and "ATS" not in job.loss._target_
+
+
+@pytest.mark.parametrize("backbone, expected", [("llama3_8b", "root"), ("smollm2_135m", "widest"),
+                                                ("tiny_llama", "widest")])
+def test_ats_stats_at_defaults_per_backbone(backbone, expected):
+    from msl_rec.models.module import build_loss
+
+    cfg = _compose(f"backbone={backbone}", "loss=msl_ats")
+    assert cfg.loss.stats_at == expected
+    assert build_loss(OmegaConf.to_container(cfg.loss, resolve=True)).stats_at == expected
+    assert _compose(f"backbone={backbone}", "loss=msl_ats", "loss.stats_at=root").loss.stats_at == "root"
