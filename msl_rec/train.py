@@ -83,11 +83,16 @@ def grad_accumulation(cfg: DictConfig, world: int) -> int:
 
 
 def trainer_precision(trainer_cfg: DictConfig) -> str:
-    """bf16-mixed on a GPU, 32-true on CPU, unless the trainer config names one."""
+    """The trainer config's ``precision``, or if it is null: bf16-mixed where the device computes bf16
+    natively (a GPU; a CPU with AVX512-BF16/AMX, see :func:`~msl_rec.utils.precision.cpu_supports_bf16`),
+    else 32-true. LoRA weights and optimiser state stay fp32 under bf16-mixed (autocast), and the
+    losses upcast their logits to fp32."""
+    from msl_rec.utils.precision import auto_dtype
+
     if trainer_cfg.get("precision"):
         return str(trainer_cfg.precision)
     on_gpu = torch.cuda.is_available() and str(trainer_cfg.get("accelerator", "auto")) in ("auto", "gpu", "cuda")
-    return "bf16-mixed" if on_gpu else "32-true"
+    return "bf16-mixed" if auto_dtype("cuda" if on_gpu else "cpu") == torch.bfloat16 else "32-true"
 
 
 def build_strategy(strategy: Any) -> Any:

@@ -19,6 +19,7 @@ runs on a padded ``(U, Kmax)`` layout (a view when every user has exactly ``Kmax
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 IMPL = "msl_prefix_beam"
@@ -54,20 +55,19 @@ class PrefixState:
         self.prompt_kv = [(k.index_select(0, keep), v.index_select(0, keep)) for k, v in self.prompt_kv]
         self.prompt_bias = self.prompt_bias.index_select(0, keep)
 
-    def set_rows(self, row_user: torch.Tensor, src: torch.Tensor, n_users: int) -> None:
-        """Beam rows for the next step: live-user index of each row (grouped by user, ascending) and
-        the previous row each one continues (indexes the generated KV of the previous step)."""
-        counts = torch.bincount(row_user, minlength=n_users)
-        start = torch.cumsum(counts, 0) - counts
-        self.row_user = row_user
-        self.row_slot = torch.arange(len(row_user), device=row_user.device) - start[row_user]
+    def set_rows(self, row_user: np.ndarray, src: np.ndarray, n_users: int) -> None:
+        """Beam rows for the next step, as host arrays: live-user index of each row (grouped by user,
+        ascending) and the previous row each one continues (indexes the generated KV of the previous
+        step). The layout facts are derived on the host, so no device sync happens here."""
+        counts = np.bincount(row_user, minlength=n_users)
+        device = self.prompt_bias.device
         self.kmax = int(counts.max())
         self.dense = bool((counts == self.kmax).all())
+        self.row_user = torch.from_numpy(row_user).to(device)
+        self.row_slot = torch.from_numpy(np.arange(len(row_user)) - (np.cumsum(counts) - counts)[row_user]).to(device)
         prev = self.gen_kv[0]
-        if prev is not None and len(src) == prev[0].shape[0] and \
-                bool((src == torch.arange(len(src), device=src.device)).all()):
-            src = None  # identity: nothing to reorder
-        self.src = src
+        identity = prev is not None and len(src) == prev[0].shape[0] and bool((src == np.arange(len(src))).all())
+        self.src = None if identity else torch.from_numpy(src).to(device)  # None: nothing to reorder
 
     def to_users(self, x: torch.Tensor, n_users: int) -> torch.Tensor:
         """Rows ``(R, ...)`` -> ``(U, kmax, ...)`` by (user, slot), zeros in the unused slots."""

