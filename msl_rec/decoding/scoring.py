@@ -100,6 +100,10 @@ class TargetScorer:
     @torch.no_grad()
     def target_logps(self, model, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
         """(B,) float32 log-probability of each row's target response, by teacher forcing."""
+        missing = [k for k in ("input_ids", "attention_mask", "labels") if k not in batch]
+        if missing:
+            raise ValueError(f"target_logp needs the batch's prompt+response fields; missing {missing} "
+                             "(build batches with RecDataModule, or pass scoring={'target_logp': False})")
         ids, am, labels = batch["input_ids"], batch["attention_mask"], batch["labels"]
         hidden = backbone_body(model)(input_ids=ids, attention_mask=am, position_ids=position_ids_from_mask(am),
                                       use_cache=False).last_hidden_state[:, :-1]

@@ -65,7 +65,7 @@ def test_evaluate_with_model(tiny_model, catalog, make_batch_fn, tmp_path):
     t0 = catalog.seq_items[first[0][2][0]][0]
     batch["target_ids"] = torch.tensor([t0, 999999])
     tiny_model.train()
-    res = evaluate(dec, tiny_model, [batch], catalog)
+    res = evaluate(dec, tiny_model, [batch], catalog, scoring={"target_logp": False})  # prompt-only batch
     assert tiny_model.training  # mode restored
     assert res.ranks.tolist() == [2, -1]
     assert res.metrics["hr@1"] == 0.0 and res.metrics["hr@5"] == 0.5

@@ -50,3 +50,11 @@ def test_ats_stats_at_defaults_per_backbone(backbone, expected):
     assert cfg.loss.stats_at == expected
     assert build_loss(OmegaConf.to_container(cfg.loss, resolve=True)).stats_at == expected
     assert _compose(f"backbone={backbone}", "loss=msl_ats", "loss.stats_at=root").loss.stats_at == "root"
+
+
+def test_paper_inherits_hf_trainer_grad_norm_and_warmup_from_zero():
+    """HF Trainer defaults the paper inherited: max grad norm 1.0; lr warm-up from 0 (tests/models)."""
+    cfg = _compose("experiment=paper")
+    assert cfg.trainer.gradient_clip_val == 1.0
+    assert cfg.optim.lr == 1.0e-4 and cfg.optim.global_batch_size == 128 and cfg.trainer.max_epochs == 10
+    assert _compose("experiment=books_msl").trainer.gradient_clip_val is None  # only the paper preset clips
