@@ -31,6 +31,7 @@ from collections.abc import Mapping
 import numpy as np
 import torch
 
+from msl_rec.losses.functional import union_logits
 from msl_rec.models.backbone import backbone_body, output_weight, position_ids_from_mask
 
 MASK_MODES = ("before", "after")
@@ -47,17 +48,18 @@ def token_logps(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor
         valid_ids: (N, K) trie-valid ids per position, -1 padded (needed for ``mask="before"``).
         mask: ``"after"``: log-softmax over the vocabulary; ``"before"``: over the valid ids only.
     """
-    logits = hidden.float() @ weight.float().t()  # (N, V), response positions only
-    picked = logits.gather(1, labels[:, None]).squeeze(1)
     if mask == "after":
-        return picked - torch.logsumexp(logits, dim=-1)
+        logits = hidden.float() @ weight.float().t()  # (N, V), response positions only
+        return logits.gather(1, labels[:, None]).squeeze(1) - torch.logsumexp(logits, dim=-1)
     if valid_ids is None:
         raise ValueError("mask='before' scoring needs the batch's valid_ids")
     ok = valid_ids >= 0
-    valid_logits = logits.gather(1, valid_ids.clamp_min(0)).masked_fill(~ok, float("-inf"))
     if not bool((ok & (valid_ids == labels[:, None])).any(-1).all()):
         raise ValueError("a response token is not among its position's valid_ids: catalog and batch disagree")
-    return picked - torch.logsumexp(valid_logits, dim=-1)
+    # only the batch's distinct valid ids are scored (as MSL does), not the whole vocabulary
+    logits, label_cols, valid_cols = union_logits(hidden.float(), weight.float(), labels, valid_ids)
+    valid_logits = logits.gather(1, valid_cols.clamp_min(0)).masked_fill(~ok, float("-inf"))
+    return logits.gather(1, label_cols[:, None]).squeeze(1) - torch.logsumexp(valid_logits, dim=-1)
 
 
 def _sum_by_row(values: torch.Tensor, row: torch.Tensor, n_rows: int) -> torch.Tensor:
