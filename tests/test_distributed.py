@@ -183,17 +183,18 @@ def test_fsdp_gpu_config_keeps_buffers_in_their_own_dtype():
     """trainer=fsdp: bf16 compute, float32 gradient reduction, buffers not cast (Lightning's bf16-mixed
     alone would give FSDP buffer_dtype=bf16 and round ATS's tau EMA)."""
     from hydra import compose, initialize_config_dir
-    from lightning.pytorch.strategies import FSDPStrategy
     from omegaconf import OmegaConf
     from transformers.models.llama.modeling_llama import LlamaDecoderLayer
 
+    from msl_rec.models.fsdp_utils import AdapterFSDPStrategy
     from msl_rec.train import build_strategy
     from msl_rec.utils.config import CONFIG_DIR
 
     with initialize_config_dir(version_base="1.3", config_dir=CONFIG_DIR):
         cfg = compose("train.yaml", ["trainer=fsdp", "trainer.devices=1"])
     strategy = build_strategy(OmegaConf.to_container(cfg.trainer.strategy, resolve=True))
-    assert type(strategy) is FSDPStrategy
+    assert type(strategy) is AdapterFSDPStrategy
+    assert strategy.lightning_module_state_dict() == {}  # no full-model gather: on_save_checkpoint writes the adapter
     mp = strategy.mixed_precision_config
     assert (mp.param_dtype, mp.reduce_dtype, mp.buffer_dtype) == (torch.bfloat16, torch.float32, None)
     assert strategy.kwargs["use_orig_params"] is True
