@@ -94,7 +94,7 @@ def main(argv=None) -> None:
     torch.set_num_threads(args.threads)
     model, catalog, prompts = load(max(args.users, args.rank_users))
     users = prompts[-args.users:]
-    kw = dict(num_beams=NUM_BEAMS, mask="before", max_new_tokens=MAX_NEW)
+    kw = {"num_beams": NUM_BEAMS, "mask": "before", "max_new_tokens": MAX_NEW}
     main_dec = ConstrainedBeamSearch(catalog, dtype="float32", share_preamble=False, **kw)
     new_dec = ConstrainedBeamSearch(catalog, dtype="auto", share_preamble=True, **kw)
     timed_rank(new_dec, model, users[:1], 1)  # warm-up (and the preamble / bf16 copy built once)

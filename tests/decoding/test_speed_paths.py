@@ -24,7 +24,7 @@ def assert_same(got, want):
 @pytest.mark.parametrize("shared_prompt", [True, False])
 @pytest.mark.parametrize("mask", ["after", "before"])
 def test_shared_preamble_equals_full_prompts_and_transformers(tiny_model, catalog, make_batch_fn, mask, shared_prompt):
-    kw = dict(num_beams=4, mask=mask, max_new_tokens=32, top_k=[1], shared_prompt=shared_prompt)
+    kw = {"num_beams": 4, "mask": mask, "max_new_tokens": 32, "top_k": [1], "shared_prompt": shared_prompt}
     fast = ConstrainedBeamSearch(catalog, share_preamble=True, **kw)
     plain = ConstrainedBeamSearch(catalog, share_preamble=False, **kw)
     batch = make_batch_fn(PROMPTS)
