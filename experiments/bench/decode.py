@@ -26,22 +26,29 @@ NUM_BEAMS, BATCH, OURS_USERS, HF_USERS, MAX_NEW = 10, 4, 8, 4, 64
 THREADS = int(os.environ.get("BENCH_THREADS", "1"))
 
 
-def setup(n_users: int):
-    import torch
-    from transformers import AutoModelForCausalLM
-
+def books_prompts(n_users: int):
+    """(catalog, samples, prompt ids) of the last ``n_users`` Books valid users (SmolLM2)."""
     from msl_rec.data.catalog import ItemCatalog, load_titles
     from msl_rec.data.io import read_samples
     from msl_rec.data.prompts import PromptBuilder
-    from msl_rec.models.tokenizers import load_gguf_tokenizer, smollm2_gguf_path
+    from msl_rec.models.tokenizers import load_gguf_tokenizer
 
-    torch.set_num_threads(THREADS)
     tok = load_gguf_tokenizer()
     titles = load_titles(BOOKS / "id2name4Rec.json", allow_empty_titles=True)
     catalog = ItemCatalog(titles, tok)
     samples = read_samples(BOOKS / "valid.csv")[-n_users:]
     builder = PromptBuilder(tok, titles, INSTRUCTION, INPUT_PREFIX, cutoff_len=1024)
-    prompts = builder.build_batch([s.history for s in samples], [MAX_NEW] * len(samples))
+    return catalog, samples, builder.build_batch([s.history for s in samples], [MAX_NEW] * len(samples))
+
+
+def setup(n_users: int):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from msl_rec.models.tokenizers import smollm2_gguf_path
+
+    torch.set_num_threads(THREADS)
+    catalog, samples, prompts = books_prompts(n_users)
     batches = []
     for i in range(0, len(prompts), BATCH):
         chunk, rows = prompts[i:i + BATCH], samples[i:i + BATCH]

