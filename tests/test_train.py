@@ -26,6 +26,26 @@ def test_one_step_with_each_loss(compose_train, loss):
     assert trainable and all("lora_" in n for n in trainable)
 
 
+def test_training_runs_in_train_mode_with_lora_dropout(compose_train, monkeypatch):
+    # from_pretrained returns an eval-mode model and Lightning keeps module modes: without
+    # on_fit_start's train(), LoRA dropout would silently be off while training
+    modes = []
+    step = RecLitModule.training_step
+
+    def spy(self, batch, batch_idx):
+        drops = [m for n, m in self.model.named_modules() if n.endswith("lora_dropout.default")]
+        modes.append((self.model.training, bool(drops) and all(m.training for m in drops)))
+        return step(self, batch, batch_idx)
+
+    import msl_rec.models.module as module_py
+
+    build = module_py.build_backbone  # as from_pretrained (gguf, hub) hands it over: in eval mode
+    monkeypatch.setattr(module_py, "build_backbone", lambda *a, **k: build(*a, **k).eval())
+    monkeypatch.setattr(RecLitModule, "training_step", spy)
+    train(compose_train("loss=lml", "debug=fdr", "logger=none"))
+    assert modes and all(m == (True, True) for m in modes), modes
+
+
 def test_checkpoint_keeps_adapter_and_reloads_to_identical_logits(compose_train, tmp_path):
     # warm-up 0: the one step runs at the full lr (a warm-up's first step runs at lr 0, as in HF)
     cfg = compose_train("loss=msl_ats", "debug=fdr", "logger=none", "optim.warmup_steps=0")

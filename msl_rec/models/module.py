@@ -158,6 +158,11 @@ class RecLitModule(L.LightningModule):
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         self._rng_to_restore = checkpoint.get("rng_states")
 
+    def on_fit_start(self) -> None:
+        # from_pretrained hands the backbone over in eval mode and Lightning (>= 2.2) keeps each module's
+        # mode: train mode here, so LoRA dropout (0.05) is on while training, as under HF's Trainer
+        self.train()
+
     def on_train_start(self) -> None:
         # restored here, after model building and setup consumed random numbers; each rank its own
         state = ckpt_state.rank_rng_state(getattr(self, "_rng_to_restore", None), self.global_rank,
