@@ -150,6 +150,7 @@ def build_steps(preset: str, overrides: list[str], root: Path) -> tuple[list[Ste
     plan = cfg.compare
     base = [f"experiment=compare_{preset}", *overrides]
     eval_extra = [o for o in overrides if o.split("=")[0].split(".")[0].lstrip("+~") == "dataset"]
+    eval_extra += [str(o) for o in plan.eval.get("overrides") or []]  # e.g. scoring.num_negatives=0
     steps: list[Step] = []
 
     def train_step(name: str, out: Path, extra: Callable[[], list[str]], deps: list[str] | None = None) -> Step:
