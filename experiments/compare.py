@@ -10,7 +10,8 @@ the console apps as a user would, ``compare.jobs`` processes at a time:
 3. each model evaluated on the first ``compare.eval.users`` validation users in ``eval.shards``
    shards, merged (one shard: no merge); the ``compare.baselines`` decoders on the same users;
 4. the report (``experiments/report.py``) over the evaluations and over the sweep, written with the
-   LoRA adapter checkpoints (``<loss>.ckpt``) into ``compare.results_dir``.
+   LoRA adapter checkpoints (``<loss>.ckpt``) into ``compare.results_dir``, and the runs' configs,
+   logs and per-user predictions (``runs/``, no checkpoints) so the report can be redone from a clone.
 
 Everything lands under ``outputs/compare/<preset>/`` (logs in ``logs/``). Run the same command again
 after an interruption: finished steps are skipped (a ``.done`` file), trainings resume from their
@@ -130,6 +131,37 @@ def merge_w(shards: list[Path], out: Path) -> None:
         np.save(out / "w_values.npy", np.concatenate([np.load(s / "w_values.npy") for s in shards]))
 
 
+# what the report reads of each run folder (no checkpoints): anyone can redo the report from a clone
+EXPORTED = (".hydra/config.yaml", ".hydra/overrides.yaml", "metrics.json", "predictions.jsonl", "eval_key.json",
+            "w_values.npz", "w_values.npy", "summary.txt")
+
+
+def export_runs(root: Path, dest: Path, kinds: tuple[str, ...] = ("train", "eval", "sweep", "sweep_eval")) -> Path:
+    """Copy the report's inputs of ``root/<kind>/<run>`` (configs, metrics, per-step CSV logs,
+    predictions, Fig. 5 values) to ``dest/<kind>/<run>``. An evaluation's ``run_dir`` is rewritten
+    relative to its copy, so ``experiments.report dest/eval`` finds the training curves there."""
+    import yaml
+
+    for kind in kinds:
+        if not (root / kind).is_dir():
+            continue
+        for run in sorted(p for p in (root / kind).iterdir() if (p / ".hydra" / "config.yaml").is_file()):
+            copy = dest / kind / run.name
+            files = [run / f for f in EXPORTED if (run / f).is_file()] + sorted(run.rglob("metrics.csv"))
+            for f in files:
+                (copy / f.relative_to(run)).parent.mkdir(parents=True, exist_ok=True)
+                shutil.copyfile(f, copy / f.relative_to(run))
+            cfg_file = copy / ".hydra" / "config.yaml"
+            cfg = yaml.safe_load(cfg_file.read_text())
+            if cfg.get("run_dir"):
+                source = Path(cfg["run_dir"]).resolve()
+                if not source.is_relative_to(root.resolve()):
+                    raise ValueError(f"{run}: run_dir {source} is outside {root}; it cannot be exported with it")
+                cfg["run_dir"] = os.path.relpath(dest / source.relative_to(root.resolve()), copy)
+                cfg_file.write_text(yaml.safe_dump(cfg, sort_keys=False))
+    return dest
+
+
 def load_plan(preset: str, overrides: list[str]):
     from hydra import compose, initialize_config_dir
 
@@ -226,6 +258,8 @@ def build_steps(preset: str, overrides: list[str], root: Path) -> tuple[list[Ste
             print(f"adapter: {results / f'{loss}.ckpt'} (from {ckpt}; msl-rec-eval ckpt_path=... re-evaluates it)")
         if tau_file.is_file():
             shutil.copyfile(tau_file, results / "tau.json")
+        runs = export_runs(root, results / "runs")
+        print(f"runs: {runs} (make report SWEEP={runs / 'eval'} redoes the report from them)")
 
     return steps, finish
 

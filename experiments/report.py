@@ -67,6 +67,8 @@ def load_run(run: Path) -> dict:
     source, label = run, None
     if cfg.get("run_dir"):
         source = Path(cfg["run_dir"])
+        if not source.is_absolute() and (run / source).is_dir():  # an exported comparison (experiments.compare)
+            source = run / source
         cfg = yaml.safe_load((source / ".hydra" / "config.yaml").read_text())
     elif "split" in cfg and not cfg.get("ckpt_path"):  # an eval of no trained model
         decoder = cfg.get("decoder", {}).get("name", "decoder")
@@ -224,18 +226,26 @@ def results_table(runs: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def tau_table(runs: list[dict]) -> str | None:
-    by = defaultdict(lambda: defaultdict(list))
+def by_tau(runs: list[dict], key: str) -> dict[str, dict[float, list[float]]]:
+    """``{loss name: {tau: [metric of each run]}}`` over the LML and MSL runs that have ``key``."""
+    by: dict[str, dict[float, list[float]]] = defaultdict(lambda: defaultdict(list))
     for r in runs:
-        if r["tau"] is not None and r["loss_name"] in ("LMLLoss", "MSLLoss"):
-            by[r["loss_name"]][float(r["tau"])].append(r["metrics"].get("ndcg@10", math.nan))
-    taus = sorted({t for d in by.values() for t in d})
-    if not any(len(d) > 1 for d in by.values()):
+        if r["tau"] is not None and r["loss_name"] in ("LMLLoss", "MSLLoss") and key in r["metrics"]:
+            by[r["loss_name"]][float(r["tau"])].append(r["metrics"][key])
+    return by
+
+
+def tau_table(runs: list[dict]) -> str | None:
+    """Table 6: each metric at each tau (mean +- std over seeds); None without two taus of a loss."""
+    tables = {key: by_tau(runs, key) for key in ("ndcg@10", "hr@10", LOGP[1])}
+    taus = sorted({t for by in tables.values() for d in by.values() for t in d})
+    if not any(len(d) > 1 for d in tables["ndcg@10"].values()):
         return None
-    lines = ["| loss | " + " | ".join(f"tau={t:g}" for t in taus) + " |", "| --- |" + " --- |" * len(taus)]
-    for loss, d in sorted(by.items()):
-        cells = [fmt(*mean_std(d[t]), len(d[t])) if t in d else "" for t in taus]
-        lines.append(f"| {loss.replace('Loss', '')} | " + " | ".join(cells) + " |")
+    lines = ["| loss | metric | " + " | ".join(f"tau={t:g}" for t in taus) + " |", "| --- | --- |" + " --- |" * len(taus)]
+    for key, by in tables.items():
+        for loss, d in sorted(by.items()):
+            cells = [fmt(*mean_std(d[t]), len(d[t])) if t in d else "" for t in taus]
+            lines.append(f"| {loss.replace('Loss', '')} | {key} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
@@ -247,18 +257,17 @@ def plot_all(runs: list[dict], out: Path) -> list[str]:
 
     made = []
     # Fig. 6: NDCG@10 against tau per loss
-    by = defaultdict(lambda: defaultdict(list))
-    for r in runs:
-        if r["tau"] is not None and r["loss_name"] in ("LMLLoss", "MSLLoss"):
-            by[r["loss_name"]][float(r["tau"])].append(r["metrics"].get("ndcg@10", math.nan))
-    if any(len(d) > 1 for d in by.values()):
-        fig, ax = plt.subplots(figsize=(5, 3.5))
-        for loss, d in sorted(by.items()):
-            taus = sorted(d)
-            ax.errorbar(taus, [np.mean(d[t]) for t in taus], yerr=[np.std(d[t]) for t in taus],
-                        marker="o", capsize=3, label=loss.replace("Loss", ""))
-        ax.set(xlabel="temperature tau", ylabel="NDCG@10", title="NDCG@10 vs tau (Fig. 6)")
-        ax.legend()
+    panels = [(key, by_tau(runs, key)) for key in ("ndcg@10", LOGP[1])]
+    panels = [(key, by) for key, by in panels if any(len(d) > 1 for d in by.values())]
+    if panels and panels[0][0] == "ndcg@10":
+        fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 3.5), squeeze=False)
+        for ax, (key, by) in zip(axes[0], panels):
+            for loss, d in sorted(by.items()):
+                taus = sorted(d)
+                ax.errorbar(taus, [np.mean(d[t]) for t in taus], yerr=[np.std(d[t]) for t in taus],
+                            marker="o", capsize=3, label=loss.replace("Loss", ""))
+            ax.set(xlabel="temperature tau", ylabel=key, title=f"{key} vs tau" + (" (Fig. 6)" if key == "ndcg@10" else ""))
+            ax.legend()
         fig.tight_layout()
         fig.savefig(out / "ndcg_vs_tau.png", dpi=110)
         plt.close(fig)
@@ -327,7 +336,7 @@ def write_report(roots: list[Path], out: Path) -> Path:
                    "difference\": the interval covers 0."), "", paired_table(comparisons), ""]
     tt = tau_table(runs)
     if tt:
-        parts += ["## NDCG@10 against tau", "", tt, ""]
+        parts += ["## Metrics against tau (Table 6; mean +- std over seeds)", "", tt, ""]
     parts += ["## Runs", "", "| run | loss | seed | N@10 | H@10 | distinct #1 titles |", "| --- |" + " --- |" * 5]
     for r in runs:
         first = distinct_first(r)
@@ -346,6 +355,7 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=None, help="where results.md and the PNGs go")
     args = ap.parse_args()
     path = write_report(args.dirs, args.out or args.dirs[0])
+    print(path.read_text())
     print(f"report: {path}")
 
 

@@ -111,7 +111,9 @@ def test_report_tables_and_plots(tmp_path):
     assert "| LML | 2 |" in text and "0.1500 +- 0.0707" in text
     assert "| MSL (tau=1.5) | 1 |" in text and "0.3000 (+100.0%)" in text
     assert "0.4500 (+200.0%)" in text
-    assert "## NDCG@10 against tau" in text
+    assert "## Metrics against tau" in text
+    # Table 6: MSL's NDCG@10 at tau 1.5 and 2.5, LML's two seeds at tau 1 (mean +- sample std)
+    assert "| MSL | ndcg@10 |  | 0.3000 | 0.2500 |" in text and "| LML | ndcg@10 | 0.1500 +- 0.0707 |  |  |" in text
     for png in ("ndcg_vs_tau.png", "training_curves.png", "w_distribution.png"):
         assert (tmp_path / "out" / png).stat().st_size > 1000
 
@@ -147,7 +149,8 @@ def test_report_paired_comparison_with_lml(tmp_path):
     _fake_eval(_fake_run(tmp_path, "nothing", msl | {"tau": 9.0}, 1, 0, []), miss)
     text = write_report([tmp_path], tmp_path / "out").read_text()
     assert "## Paired comparison with LML (same users)" in text
-    lines = {tuple(c.strip() for c in line.split("|")[1:3]): line for line in text.splitlines() if line.startswith("| ")}
+    paired = text.split("## Paired comparison")[1].split("\n## ")[0]
+    lines = {tuple(c.strip() for c in line.split("|")[1:3]): line for line in paired.splitlines() if line.startswith("| ")}
     # MSL: NDCG@10 0.30 vs 0.05 (+0.25, exact), target_logp +2 on every user
     assert "| +0.2500 |" in lines[("MSL", "ndcg@10")] and lines[("MSL", "ndcg@10")].endswith("| model higher |")
     assert "| +2.0000 | [+2.0000, +2.0000] |" in lines[("MSL", "target_logp")]
@@ -161,6 +164,37 @@ def test_report_paired_comparison_with_lml(tmp_path):
     # distinct first titles: 3 for lml1 (0, 1, 2), 1 for the others
     assert "| `lml1` | LML | 1 | 0.0500 | 0.0500 | 3 |" in text and "| `msl` | MSL | 1 | 0.3000 | 0.3000 | 1 |" in text
     assert (tmp_path / "out" / "w_distribution.png").stat().st_size > 1000
+
+
+def test_exported_comparison_redoes_the_report_without_its_outputs(tmp_path):
+    """experiments.compare exports each run's configs, CSV logs and predictions (no checkpoints);
+    the report over the copies, with the original folders gone, still pairs the users and finds the
+    training curves through the rewritten run_dir."""
+    import shutil
+
+    from experiments.compare import export_runs
+    from experiments.report import write_report
+
+    root, n = tmp_path / "cmp", 200
+    losses = {"lml": {"_target_": "msl_rec.losses.LMLLoss", "tau": 1.0}, "msl_ats": {"_target_": "msl_rec.losses.MSLATSLoss"}}
+    for name, loss in losses.items():
+        train = _fake_run(root / "train", name, loss, 42, 0, [(0, 4.0, 2.0), (1, 3.0, 2.5)])
+        (train / "checkpoints").mkdir()
+        (train / "checkpoints" / "last.ckpt").write_bytes(b"weights")
+        ev = root / "eval" / name
+        (ev / ".hydra").mkdir(parents=True)
+        (ev / ".hydra" / "config.yaml").write_text(yaml.safe_dump({"run_dir": str(train), "split": "valid"}))
+        hits = 10 if name == "lml" else 60
+        _fake_eval(ev, [0 if i < hits else -1 for i in range(n)], [-20.0 + (name != "lml") for _ in range(n)])
+    runs = export_runs(root, tmp_path / "results" / "runs")
+    shutil.rmtree(root)
+    assert not list(runs.rglob("*.ckpt"))
+    assert yaml.safe_load((runs / "eval" / "lml" / ".hydra" / "config.yaml").read_text())["run_dir"] == "../../train/lml"
+    text = write_report([runs / "eval"], tmp_path / "out").read_text()
+    lines = {tuple(c.strip() for c in line.split("|")[1:3]): line for line in text.splitlines() if line.startswith("| ")}
+    assert "| +0.2500 |" in lines[("MSL+ATS", "ndcg@10")]  # 60 vs 10 hits at rank 0 of 200 users
+    assert "| +1.0000 | [+1.0000, +1.0000] |" in lines[("MSL+ATS", "target_logp")]
+    assert (tmp_path / "out" / "training_curves.png").stat().st_size > 1000  # from the exported metrics.csv
 
 
 def test_report_refuses_to_pair_different_users(tmp_path):
@@ -264,7 +298,8 @@ def test_compare_cpu_plan(tmp_path):
     assert set(by["train-msl"].deps) == {"sweep-eval-tau_1", "sweep-eval-tau_1.5", "sweep-eval-tau_2.5"}
     assert by["train-lml"].deps == [] and by["merge-lml"].deps == ["eval-lml-0", "eval-lml-1"]
     sweep_eval = by["sweep-eval-tau_1.5"].command()
-    assert "shard=16/17" in sweep_eval and shard_range(3472, "16/17").start >= 1000  # disjoint from the eval users
+    assert "shard=33/34" in sweep_eval and shard_range(3472, "33/34").start >= 1000  # disjoint from the eval users
+    assert "scoring.num_negatives=0" in sweep_eval and "scoring.num_negatives=0" in by["eval-lml-0"].command()
     ev = by["eval-lml-1"].command()
     assert {"subset=1000", "shard=1/2", "save_w=true", f"run_dir={tmp_path / 'train' / 'lml'}"} <= set(ev)
     assert "subset=1000" in by["eval-popularity"].command() and "decoder=popularity" in by["eval-popularity"].command()
