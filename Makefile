@@ -39,8 +39,8 @@ demo: install ## train MSL+ATS on SmolLM2 over a slice of Books; zero-shot vs tr
 gpu-check: install ## on a CUDA machine (< 8 min): each loss in bf16, ddp/fsdp x1, FSDP checkpoint checks, eval users/s
 	$(PY) -m experiments.gpu_check
 
-report: install ## tables + plots from finished runs: make report SWEEP=outputs/train/multiruns/<dir>
-	$(PY) -m experiments.report $(SWEEP)
+report: install ## tables, paired intervals + plots from finished runs: make report SWEEP=<runs dir> [OUT=<dir>]
+	$(PY) -m experiments.report $(SWEEP) $(if $(OUT),--out $(OUT))
 
 PRESET ?= cpu
 compare: install ## LML vs MSL vs MSL+ATS, resumable: make compare PRESET=cpu (gpu: ARGS="--max-minutes 9", repeat)
