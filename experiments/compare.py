@@ -27,6 +27,7 @@ import argparse
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -37,6 +38,7 @@ from pathlib import Path
 import numpy as np
 
 DONE = ".done"
+KILL_AFTER_S = 10  # a stopped driver's children get SIGTERM, then SIGKILL this long after
 # the apps of this checkout (python -m, run from the project root), as the console scripts would be
 TRAIN_APP, EVAL_APP = [sys.executable, "-m", "msl_rec.train"], [sys.executable, "-m", "msl_rec.eval"]
 
@@ -107,7 +109,11 @@ def run_steps(steps: list[Step], jobs: int, env: dict[str, str], log_dir: Path, 
         for _, proc, _ in running.values():  # only this driver's own children
             proc.terminate()
         for _, proc, _ in running.values():
-            proc.wait()
+            try:  # Lightning's signal handler logs a SIGTERM and carries on predicting: kill after a grace
+                proc.wait(timeout=KILL_AFTER_S)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
 
 
 def pick_tau(scores: dict[float, dict[str, float]], metric: str, default: float) -> float:
@@ -217,7 +223,11 @@ def build_steps(preset: str, overrides: list[str], root: Path) -> tuple[list[Ste
     # 2. trainings, 3. evaluations
     users = [] if plan.eval.users is None else [f"subset={plan.eval.users}"]
     n = int(plan.eval.shards)
-    save_w = f"save_w={str(bool(plan.eval.save_w)).lower()}"
+    sw = plan.eval.save_w  # true (every loss), false, or the losses whose evaluations write Fig. 5's w
+    w_losses = list(plan.losses) if sw is True else [] if sw in (False, None) else [str(x) for x in sw]
+    if set(w_losses) - set(plan.losses):
+        raise ValueError(f"compare.eval.save_w: {sorted(set(w_losses) - set(plan.losses))} not in compare.losses")
+    # all trainings first (in list order), then the evaluations: a training never waits behind them
     for loss in plan.losses:
         tdir = root / "train" / loss
         if loss == "msl":
@@ -225,15 +235,18 @@ def build_steps(preset: str, overrides: list[str], root: Path) -> tuple[list[Ste
                                                                   (f"tau_{float(x):g}" for x in plan.sweep.taus)]))
         else:
             steps.append(train_step(f"train-{loss}", tdir, lambda loss=loss: [f"loss={loss}"]))
+    for loss in plan.losses:
+        tdir = root / "train" / loss
+        save_w = f"save_w={str(loss in w_losses).lower()}"
         edir = root / "eval" / loss
         if n == 1:  # one evaluation, straight into eval/<loss>
-            steps.append(Step(f"eval-{loss}", edir, lambda t=tdir, e=edir: [
-                *EVAL_APP, f"run_dir={t}", *users, save_w, *eval_extra, f"hydra.run.dir={e}"], [f"train-{loss}"]))
+            steps.append(Step(f"eval-{loss}", edir, lambda t=tdir, e=edir, w=save_w: [
+                *EVAL_APP, f"run_dir={t}", *users, w, *eval_extra, f"hydra.run.dir={e}"], [f"train-{loss}"]))
             continue
         shards = [root / "shards" / f"{loss}-{i}" for i in range(n)]
         for i, sdir in enumerate(shards):
-            steps.append(Step(f"eval-{loss}-{i}", sdir, lambda t=tdir, s=sdir, i=i: [
-                *EVAL_APP, f"run_dir={t}", *users, f"shard={i}/{n}", save_w, *eval_extra, f"hydra.run.dir={s}"],
+            steps.append(Step(f"eval-{loss}-{i}", sdir, lambda t=tdir, s=sdir, i=i, w=save_w: [
+                *EVAL_APP, f"run_dir={t}", *users, f"shard={i}/{n}", w, *eval_extra, f"hydra.run.dir={s}"],
                 [f"train-{loss}"]))
         steps.append(Step(f"merge-{loss}", edir, lambda t=tdir, e=edir, sh=shards: [
             *EVAL_APP, "merge=[" + ",".join(str(s) for s in sh) + "]", f"run_dir={t}", f"hydra.run.dir={e}"],
@@ -273,6 +286,8 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     from msl_rec.utils.config import PROJECT_ROOT
 
+    # a SIGTERM (kill, a scheduler's preemption) unwinds through run_steps, which stops its own jobs
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
     t0 = time.time()
     root = (args.out or PROJECT_ROOT / "outputs" / "compare" / args.preset).resolve()
     steps, finish = build_steps(args.preset, args.overrides, root)

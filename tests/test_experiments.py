@@ -257,6 +257,18 @@ def test_compare_steps_run_in_dependency_order_skip_when_done_and_fail_loudly(tm
     slow = [Step("f", tmp_path / "f", lambda: [sys.executable, "-c", "import time; time.sleep(60)"])]
     assert not run_steps(slow, jobs=1, env={}, log_dir=tmp_path / "logs", deadline=time.time() + 1)
     assert time.time() - t0 < 30 and not (tmp_path / "f" / ".done").exists()
+    # a job that carries on after SIGTERM (as Lightning's predict loop does) is killed after the grace
+    import experiments.compare as compare_py
+
+    (tmp_path / "g").mkdir()
+    stubborn = ("import signal, time; signal.signal(signal.SIGTERM, lambda *a: print('ignored', flush=True)); "
+                "print('up', flush=True); time.sleep(60)")
+    t0 = time.time()
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(compare_py, "KILL_AFTER_S", 1)
+        assert not run_steps([Step("g", tmp_path / "g", lambda: [sys.executable, "-c", stubborn])], jobs=1, env={},
+                             log_dir=tmp_path / "logs", deadline=time.time() + 2)
+    assert time.time() - t0 < 30 and "ignored" in (tmp_path / "logs" / "g.log").read_text()
 
 
 @pytest.mark.slow
@@ -302,6 +314,10 @@ def test_compare_cpu_plan(tmp_path):
     assert "scoring.num_negatives=0" in sweep_eval and "scoring.num_negatives=0" in by["eval-lml-0"].command()
     ev = by["eval-lml-1"].command()
     assert {"subset=1000", "shard=1/2", "save_w=true", f"run_dir={tmp_path / 'train' / 'lml'}"} <= set(ev)
+    assert "save_w=false" in by["eval-msl_ats-0"].command()  # Fig. 5's w for LML and MSL only
+    names = [s.name for s in steps]  # every training before any evaluation: none waits behind them
+    assert max(names.index(f"train-{x}") for x in ("lml", "msl", "msl_ats")) < min(
+        i for i, x in enumerate(names) if x.startswith(("eval-lml", "eval-msl")))
     assert "subset=1000" in by["eval-popularity"].command() and "decoder=popularity" in by["eval-popularity"].command()
     sweep = by["sweep-tau_2.5"].command()
     assert {"experiment=compare_cpu", "loss=msl", "loss.tau=2.5", "data.train_subset=256"} <= set(sweep)
