@@ -118,10 +118,11 @@ def user_rows(run: dict) -> dict[int, dict]:
 
     path = run["predictions"]
     key_file = path.parent / "eval_key.json"
-    start = json.loads(key_file.read_text())["rows"][0] if key_file.is_file() else 0
+    rows = json.loads(key_file.read_text())["rows"] if key_file.is_file() else [0]
+    start = rows[0][0] if rows and isinstance(rows[0], list) else rows[0]  # a merge keeps each shard's [lo, hi)
     out = {}
     for i, p in enumerate(load_predictions(path)):
-        row = int(p.get("row", start + i))
+        row = int(p["row"]) if "row" in p else start + i
         if row in out:
             raise ValueError(f"{path}: row {row} appears twice")
         values = compute_metrics([p["rank"]], (10,))

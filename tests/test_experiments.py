@@ -147,6 +147,8 @@ def test_report_paired_comparison_with_lml(tmp_path):
     _fake_eval(_fake_run(tmp_path, "msl", msl, 1, 0, []), msl_ranks, [v + 2.0 for v in logp])
     _fake_eval(_fake_run(tmp_path, "ats", ats, 1, 0, []), ats_ranks)  # no target_logp: not compared on it
     _fake_eval(_fake_run(tmp_path, "nothing", msl | {"tau": 9.0}, 1, 0, []), miss)
+    # a merged evaluation's key holds each shard's [lo, hi) rows
+    (tmp_path / "msl" / "eval_key.json").write_text(json.dumps({"rows": [[0, 200], [200, 400]]}))
     text = write_report([tmp_path], tmp_path / "out").read_text()
     assert "## Paired comparison with LML (same users)" in text
     paired = text.split("## Paired comparison")[1].split("\n## ")[0]
