@@ -286,9 +286,13 @@ def plot_all(runs: list[dict], out: Path) -> list[str]:
             a1.plot(*zip(*pts), label=f"{r['label']} s{r['seed']}", lw=1)
             tau = [(int(s["step"]), float(s["train/tau"])) for s in r["steps"] if s.get("train/tau")]
             if tau:
-                a2.plot(*zip(*tau), label=f"{r['label']} s{r['seed']}", lw=1)
+                line, = a2.plot(*zip(*tau), label=f"{r['label']} s{r['seed']}", lw=1)
+            raw = [(int(s["step"]), float(s["train/tau_raw"])) for s in r["steps"] if s.get("train/tau_raw")]
+            if raw:  # ATS's Eq. 12 root before the clamp and the EMA: why tau sits where it does
+                a2.plot(*zip(*raw), ls=":", lw=1, color=line.get_color() if tau else None,
+                        label=f"{r['label']} s{r['seed']} raw root (before clamp)")
         a1.set(xlabel="step", ylabel="training loss", title="training loss")
-        a2.set(xlabel="step", ylabel="tau", title="temperature (ATS: adaptive)")
+        a2.set(xlabel="step", ylabel="tau", title="temperature (ATS: EMA of the clamped root)")
         a1.legend(fontsize=7)
         a2.legend(fontsize=7)
         fig.tight_layout()
