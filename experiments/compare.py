@@ -168,6 +168,22 @@ def export_runs(root: Path, dest: Path, kinds: tuple[str, ...] = ("train", "eval
     return dest
 
 
+def export_adapter(ckpt: Path, dest: Path) -> Path:
+    """``ckpt`` without its optimizer state (2/3 of a LoRA checkpoint): enough to re-evaluate the
+    model (``msl-rec-eval ckpt_path=dest``), not to resume its training."""
+    import torch
+
+    state = torch.load(ckpt, map_location="cpu", weights_only=True)
+    state.pop("optimizer_states", None)
+    tmp = dest.with_name(f".{dest.name}.tmp{os.getpid()}")
+    try:  # a kill leaves the old file or the new one, never half of one
+        torch.save(state, tmp)
+        os.replace(tmp, dest)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return dest
+
+
 def load_plan(preset: str, overrides: list[str]):
     from hydra import compose, initialize_config_dir
 
@@ -267,7 +283,7 @@ def build_steps(preset: str, overrides: list[str], root: Path) -> tuple[list[Ste
         print(f"tau sweep: {write_report([root / 'sweep_eval'], results / 'tau_sweep')}")
         for loss in plan.losses:
             ckpt = best_checkpoint(root / "train" / loss)
-            shutil.copyfile(ckpt, results / f"{loss}.ckpt")
+            export_adapter(ckpt, results / f"{loss}.ckpt")
             print(f"adapter: {results / f'{loss}.ckpt'} (from {ckpt}; msl-rec-eval ckpt_path=... re-evaluates it)")
         if tau_file.is_file():
             shutil.copyfile(tau_file, results / "tau.json")

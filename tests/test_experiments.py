@@ -199,6 +199,19 @@ def test_exported_comparison_redoes_the_report_without_its_outputs(tmp_path):
     assert (tmp_path / "out" / "training_curves.png").stat().st_size > 1000  # from the exported metrics.csv
 
 
+def test_exported_adapter_drops_only_the_optimizer_state(tmp_path):
+    import torch
+
+    from experiments.compare import export_adapter
+
+    w = {"model.lora_A": torch.randn(8, 4)}
+    torch.save({"state_dict": w, "adapter": {"r": 8}, "optimizer_states": [{"state": {0: torch.randn(8, 4)}}]},
+               tmp_path / "last.ckpt")
+    out = torch.load(export_adapter(tmp_path / "last.ckpt", tmp_path / "lml.ckpt"), weights_only=True)
+    assert set(out) == {"state_dict", "adapter"} and torch.equal(out["state_dict"]["model.lora_A"], w["model.lora_A"])
+    assert not list(tmp_path.glob(".lml.ckpt.tmp*"))
+
+
 def test_report_refuses_to_pair_different_users(tmp_path):
     from experiments.report import write_report
 
