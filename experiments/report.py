@@ -257,7 +257,7 @@ def plot_all(runs: list[dict], out: Path) -> list[str]:
     import matplotlib.pyplot as plt
 
     made = []
-    # Fig. 6: NDCG@10 against tau per loss
+    # Fig. 6: NDCG@10 (and target_logp, when evaluated) against tau per loss
     panels = [(key, by_tau(runs, key)) for key in ("ndcg@10", LOGP[1])]
     panels = [(key, by) for key, by in panels if any(len(d) > 1 for d in by.values())]
     if panels and panels[0][0] == "ndcg@10":
