@@ -3,6 +3,9 @@
 
     msl-rec-preprocess reviews_file=reviews_Toys_and_Games_5.json.gz \\
         meta_file=meta_Toys_and_Games.json.gz output_dir=data/toy
+
+A non-empty ``output_dir`` is refused unless ``overwrite=true`` (and even then if it holds files other
+than the four outputs, such as a ``train_sample.csv`` of the old data).
 """
 
 from __future__ import annotations
@@ -16,7 +19,7 @@ from msl_rec.utils.config import CONFIG_DIR
 
 def run(cfg: DictConfig) -> dict[str, int]:
     counts = preprocess(cfg.reviews_file, cfg.meta_file, cfg.output_dir, k_core_min=cfg.k_core,
-                        window=cfg.window, split=list(cfg.split))
+                        window=cfg.window, split=list(cfg.split), overwrite=cfg.overwrite)
     print(f"wrote {cfg.output_dir}: " + ", ".join(f"{k} {v:,}" for k, v in counts.items()))
     return counts
 

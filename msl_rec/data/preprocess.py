@@ -18,7 +18,12 @@ Steps (as BIGRec's notebook):
    sequence is made (BIGRec does not start targets at the 2nd item).
 6. Sort windows by ``(target time, user id, target position)`` and split by the ``split``
    fractions: the first ``int(n * split[0])`` are train, the next ``int(n * split[1])`` valid,
-   the rest test. A window's ``timestamp`` is its target's time.
+   the rest test. A window's ``timestamp`` is its target's time. Every split must get at least one
+   window.
+7. Write the four output files (:data:`OUTPUT_FILES`) to temporary files in ``output_dir`` and rename
+   them into place only once all are written. A non-empty ``output_dir`` is refused unless
+   ``overwrite``, and even then when it holds files other than those four (e.g. a ``train_sample.csv``
+   drawn from an older ``train.csv``), which would no longer match the new data.
 """
 
 from __future__ import annotations
@@ -27,12 +32,18 @@ import ast
 import csv
 import gzip
 import json
+import os
+import zlib
 from collections import Counter, defaultdict
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TextIO
 
 from msl_rec.data.errors import DataError
+
+SPLITS = ("train", "valid", "test")
+OUTPUT_FILES = ("id2name4Rec.json", *(f"{name}.csv" for name in SPLITS))
 
 
 @dataclass(frozen=True)
@@ -43,13 +54,40 @@ class Window:
 
 
 def _lines(path: Path) -> Iterator[tuple[int, str]]:
+    """``(line number from 1, text)`` of each non-blank line; ``.gz`` files are gunzipped.
+
+    A truncated or non-gzip ``.gz``, a line that is not UTF-8 or a file without a line is a
+    :class:`DataError` naming the file (and line): all are signs of a broken download.
+    """
     if not path.is_file():
         raise DataError(f"{path}: file not found")
-    opener = gzip.open if path.suffix == ".gz" else open
-    with opener(path, "rt", encoding="utf-8") as f:
-        for line_no, line in enumerate(f, start=1):
-            if line.strip():
-                yield line_no, line
+    gz = path.suffix == ".gz"
+    line_no, found = 0, False
+    try:
+        # Bytes, decoded line by line, so that a bad byte is reported at its own line.
+        with gzip.open(path, "rb") if gz else path.open("rb") as f:
+            for line_no, raw in enumerate(f, start=1):
+                try:
+                    line = raw.decode("utf-8-sig" if line_no == 1 else "utf-8")
+                except UnicodeDecodeError as e:
+                    raise DataError(f"{path}: line {line_no} (byte {e.start} of the line) is not UTF-8; "
+                                    "the file is corrupt: re-download it") from None
+                if line.strip():
+                    found = True
+                    yield line_no, line
+    except (OSError, EOFError, zlib.error) as e:
+        if not gz:
+            raise
+        where = f"after line {line_no}" if line_no else "at the start"
+        raise DataError(f"{path}: the gzip data is corrupt {where} ({type(e).__name__}: {e}); the file is "
+                        "truncated or not gzip: re-download it (or drop the .gz suffix if it is plain JSON lines)"
+                        ) from None
+    if not found:
+        raise DataError(f"{path}: the file holds no records (it is empty); re-download it")
+
+
+_NOT_A_RECORD = ("not a JSON object or Python dict; the file is corrupt or not Amazon-2014 JSON lines: "
+                 "re-download it")
 
 
 def _parse_record(line: str, where: str) -> dict:
@@ -59,9 +97,9 @@ def _parse_record(line: str, where: str) -> dict:
         try:
             rec = ast.literal_eval(line.strip())
         except (ValueError, SyntaxError):
-            raise DataError(f"{where}: not a JSON object or Python dict") from None
+            raise DataError(f"{where}: {_NOT_A_RECORD}") from None
     if not isinstance(rec, dict):
-        raise DataError(f"{where}: not a JSON object or Python dict")
+        raise DataError(f"{where}: {_NOT_A_RECORD}")
     return rec
 
 
@@ -128,22 +166,97 @@ def split_windows(windows: list[tuple[int, int, Window]], split: Sequence[float]
     return ordered[:n_train], ordered[n_train:n_train + n_valid], ordered[n_train + n_valid:]
 
 
-def write_windows(path: Path, windows: Sequence[Window]) -> None:
-    with path.open("w", newline="", encoding="utf-8") as f:
-        w = csv.writer(f)
-        w.writerow(["user_id", "item_ids", "timestamp"])
-        for win in windows:
-            w.writerow([win.user_id, str(list(win.item_ids)), win.timestamp])
+def check_splits(parts: Sequence[Sequence[Window]], split: Sequence[float], k_core_min: int, source: Path) -> None:
+    """A :class:`DataError` if a split got no window (a model cannot be trained, selected or tested on it)."""
+    sizes = dict(zip(SPLITS, map(len, parts)))
+    empty = [name for name, n in sizes.items() if n == 0]
+    if empty:
+        total = sum(sizes.values())
+        raise DataError(
+            f"{source}: the {' and '.join(empty)} split would be empty: {total} window(s) split by "
+            f"split={list(split)} give " + ", ".join(f"{k} {n}" for k, n in sizes.items()) + ". Every split "
+            f"needs at least one window (each fraction times {total} at least 1): lower k_core (now "
+            f"{k_core_min}), change the split fractions, or use more data")
+
+
+def _staged_name(name: str) -> str:
+    return f".{name}.partial"
+
+
+def check_output_dir(output_dir: str | Path, overwrite: bool) -> None:
+    """Refuse to write where the new files would replace data silently or leave it inconsistent.
+
+    An absent or empty folder is fine. A non-empty one needs ``overwrite``, and even then may hold only
+    :data:`OUTPUT_FILES` (and leftovers of an interrupted run): any other file (a ``train_sample.csv``
+    drawn from the old ``train.csv``, a README with the old counts) would no longer match the new data.
+    """
+    out = Path(output_dir)
+    if out.exists() and not out.is_dir():
+        raise FileExistsError(f"output_dir={out} is a file, not a folder; pick another output_dir")
+    leftovers = {_staged_name(name) for name in OUTPUT_FILES}
+    present = sorted(p.name for p in out.iterdir() if p.name not in leftovers) if out.is_dir() else []
+    if present and not overwrite:
+        raise FileExistsError(
+            f"output_dir={out} is not empty (it holds {', '.join(present)}); pick a new or empty output_dir, "
+            f"or set overwrite=true to replace {', '.join(OUTPUT_FILES)} there")
+    others = [name for name in present if name not in OUTPUT_FILES]
+    if others:
+        raise FileExistsError(
+            f"output_dir={out}: overwrite=true replaces only {', '.join(OUTPUT_FILES)}, but the folder also "
+            f"holds {', '.join(others)}, made from or describing the old data, which would no longer match the "
+            "new files; move or delete them, or pick another output_dir")
+
+
+def write_dataset(output_dir: Path, writers: dict[str, Callable[[TextIO], None]]) -> None:
+    """Write each ``name -> writer(file)`` to a temporary file in ``output_dir``, then rename them all.
+
+    A failure while writing (full disk, a bug) leaves ``output_dir`` as it was, so no half dataset
+    is read later; the renames at the end are each atomic and do not fail for lack of space.
+    """
+    created = not output_dir.exists()
+    output_dir.mkdir(parents=True, exist_ok=True)
+    staged: dict[str, Path] = {}
+    try:
+        for name, write in writers.items():
+            staged[name] = output_dir / _staged_name(name)
+            try:
+                with staged[name].open("w", newline="", encoding="utf-8") as f:
+                    write(f)
+                    f.flush()
+                    os.fsync(f.fileno())
+            except OSError as e:
+                raise OSError(f"{output_dir / name}: could not be written ({e}); nothing in {output_dir} was "
+                              "replaced. Free space or fix the folder's permissions and run again") from e
+        for name, tmp in staged.items():
+            os.replace(tmp, output_dir / name)
+    except BaseException:
+        for tmp in staged.values():
+            tmp.unlink(missing_ok=True)
+        if created and not any(output_dir.iterdir()):
+            output_dir.rmdir()
+        raise
+
+
+def write_windows(f: TextIO, windows: Sequence[Window]) -> None:
+    """BIGRec CSV rows ``user_id,item_ids,timestamp`` (``item_ids`` as ``[1, 2, 3]``) to ``f``."""
+    w = csv.writer(f)
+    w.writerow(["user_id", "item_ids", "timestamp"])
+    for win in windows:
+        w.writerow([win.user_id, str(list(win.item_ids)), win.timestamp])
 
 
 def preprocess(reviews_file: str | Path, meta_file: str | Path, output_dir: str | Path, k_core_min: int = 5,
-               window: int = 11, split: Sequence[float] = (0.8, 0.1, 0.1)) -> dict[str, int]:
-    """Run steps 1-6 and write ``id2name4Rec.json``, ``train.csv``, ``valid.csv``, ``test.csv``.
+               window: int = 11, split: Sequence[float] = (0.8, 0.1, 0.1), overwrite: bool = False
+               ) -> dict[str, int]:
+    """Run steps 1-7 and write ``id2name4Rec.json``, ``train.csv``, ``valid.csv``, ``test.csv``.
 
-    Returns counts: users, items, interactions (after k-core), and windows per split.
+    ``overwrite`` allows replacing those four files in a non-empty ``output_dir`` (see
+    :func:`check_output_dir`). Returns counts: users, items, interactions (after k-core), and windows
+    per split.
     """
     if window < 2:
         raise ValueError(f"window must be >= 2 (got {window})")
+    check_output_dir(output_dir, overwrite)  # before the minutes of reading, not after
     titles = read_titles(meta_file)
     reviews = [r for r in read_reviews(reviews_file) if r[1] in titles]
     reviews = k_core(reviews, k_core_min)
@@ -156,13 +269,15 @@ def preprocess(reviews_file: str | Path, meta_file: str | Path, output_dir: str 
     for u, a, t in reviews:
         by_user[user_id[u]].append((t, item_id[a], a))
     sequences = {u: [(i, t) for t, i, _ in sorted(rows, key=lambda r: (r[0], r[2]))] for u, rows in by_user.items()}
-    train, valid, test = split_windows(make_windows(sequences, window), split)
+    parts = split_windows(make_windows(sequences, window), split)
+    check_splits(parts, split, k_core_min, Path(reviews_file))
 
-    out = Path(output_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "id2name4Rec.json").write_text(
-        json.dumps({str(item_id[a]): titles[a] for a in asins}, ensure_ascii=False, indent=0), encoding="utf-8")
-    for name, rows in (("train", train), ("valid", valid), ("test", test)):
-        write_windows(out / f"{name}.csv", rows)
+    def write_titles(f: TextIO) -> None:
+        f.write(json.dumps({str(item_id[a]): titles[a] for a in asins}, ensure_ascii=False, indent=0))
+
+    writers = {"id2name4Rec.json": write_titles}
+    for name, rows in zip(SPLITS, parts):
+        writers[f"{name}.csv"] = lambda f, rows=rows: write_windows(f, rows)
+    write_dataset(Path(output_dir), writers)
     return {"users": len(user_id), "items": len(item_id), "interactions": len(reviews),
-            "train": len(train), "valid": len(valid), "test": len(test)}
+            **{name: len(rows) for name, rows in zip(SPLITS, parts)}}
