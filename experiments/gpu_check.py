@@ -33,7 +33,7 @@ TRAIN_RUNS = [      # (row name, overrides)
     ("lml", ["loss=lml", "trainer=gpu"]),
     ("msl", ["loss=msl", "trainer=gpu"]),
     ("msl_ats", ["loss=msl_ats", "trainer=gpu"]),
-    ("sdpo", ["loss=sdpo", "trainer=gpu"]),  # + loss.sft_ckpt=<lml checkpoint>
+    ("sdpo", ["loss=sdpo", "trainer=gpu"]),  # + sdpo.sft_ckpt=<lml checkpoint>
     ("ddp x1 msl_ats", ["loss=msl_ats", "trainer=ddp", "trainer.devices=1"]),
     ("fsdp x1 msl_ats", ["loss=msl_ats", "trainer=fsdp", "trainer.devices=1"]),
 ]
@@ -127,7 +127,7 @@ def main(argv: list[str]) -> int:
     for name, overrides in TRAIN_RUNS:
         run_dir = (root / name.replace(" ", "_")).resolve()
         dirs[name] = run_dir
-        extra = [f"loss.sft_ckpt={dirs['lml'] / 'checkpoints' / 'last.ckpt'}"] if name == "sdpo" else []
+        extra = [f"sdpo.sft_ckpt={dirs['lml'] / 'checkpoints' / 'last.ckpt'}"] if name == "sdpo" else []
         cmd = [sys.executable, "-m", "msl_rec.train", *train_overrides(run_dir), *overrides, *extra, *argv]
         print("$", " ".join(cmd), flush=True)
         t0 = time.time()

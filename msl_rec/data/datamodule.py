@@ -26,6 +26,7 @@ negative row may exceed ``cutoff_len`` by the difference in response lengths.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
@@ -251,6 +252,23 @@ def sample_rows(samples: list[Sample], n: int, seed: int, path=None) -> list[Sam
     return [samples[i] for i in sorted(rows.tolist())]
 
 
+def row_count(key: str, value) -> int | None:
+    """``value`` of the config key ``key`` (``data.train_subset``, ``data.sample`` ...) as a number of
+    rows >= 1, or None (keep all). 0 would leave the split empty and a negative N would silently drop
+    the LAST N rows (``rows[:-N]``), so both are a ValueError naming the key, as is a non-integer."""
+    if value is None:
+        return None
+    try:
+        number = math.nan if isinstance(value, bool) else float(value)  # float(True) would be 1 row
+    except (TypeError, ValueError):
+        number = math.nan
+    if not number.is_integer():  # also NaN and inf
+        raise ValueError(f"{key}={value!r}: must be a whole number of rows >= 1, or null for all")
+    if number < 1:
+        raise ValueError(f"{key}={value!r}: must be >= 1 (a number of rows), or null for all")
+    return int(number)
+
+
 def _get(cfg, key, default=None):
     return cfg.get(key, default) if isinstance(cfg, Mapping) or hasattr(cfg, "get") else getattr(cfg, key, default)
 
@@ -264,9 +282,9 @@ class RecDataModule(L.LightningDataModule):
         tokenizer: the backbone's tokenizer (fast; one batch call per split at setup).
         catalog: the :class:`ItemCatalog` built from ``dataset_cfg.item_file`` with this tokenizer.
         micro_batch_size: train batch size; eval_batch_size: valid/test batch size.
-        train_subset, valid_subset, test_subset: keep only the FIRST N rows of that file (file
+        train_subset, valid_subset, test_subset: keep only the FIRST N >= 1 rows of that file (file
             order, so the same rows every run); None keeps all.
-        sample: keep N rows of the train file drawn at random with ``seed`` (the paper's
+        sample: keep N >= 1 rows of the train file drawn at random with ``seed`` (the paper's
             ``--sample 10000``), in file order; None keeps all. Not together with ``train_subset``.
         bucket_by_length: group train micro-batches by length (see :class:`EpochShuffleSampler`).
         num_negatives: negatives per train sample (0: no ``neg_*`` keys). Valid/test carry none.
@@ -284,12 +302,16 @@ class RecDataModule(L.LightningDataModule):
                  seed: int = 0, num_workers: int = 0, sample: int | None = None, bucket_by_length: bool = True):
         super().__init__()
         if micro_batch_size < 1 or eval_batch_size < 1:
-            raise ValueError("micro_batch_size and eval_batch_size must be >= 1")
+            raise ValueError(f"data.micro_batch_size={micro_batch_size}, data.eval_batch_size={eval_batch_size}: "
+                             "both must be >= 1")
+        # checked here, before any file is read: each names its key
+        train_subset, valid_subset, test_subset, sample = (
+            row_count(f"data.{key}", value) for key, value in (("train_subset", train_subset),
+                                                              ("valid_subset", valid_subset),
+                                                              ("test_subset", test_subset), ("sample", sample)))
         if sample is not None and train_subset is not None:
             raise ValueError(f"data.sample={sample} (random rows) and data.train_subset={train_subset} (first rows) "
                              "both select train rows; set one of them to null")
-        if sample is not None and int(sample) < 1:
-            raise ValueError(f"data.sample must be >= 1 or null (got {sample})")
         if num_negatives < 0:
             raise ValueError(f"num_negatives must be >= 0 (got {num_negatives})")
         self.cfg = dataset_cfg
@@ -298,7 +320,7 @@ class RecDataModule(L.LightningDataModule):
         self.micro_batch_size = micro_batch_size
         self.eval_batch_size = eval_batch_size
         self.subsets = {"train": train_subset, "valid": valid_subset, "test": test_subset}
-        self.sample = None if sample is None else int(sample)
+        self.sample = sample
         self.bucket_by_length = bool(bucket_by_length)
         self.num_negatives = num_negatives
         self.fixed_negatives = fixed_negatives
@@ -318,7 +340,7 @@ class RecDataModule(L.LightningDataModule):
             return None
         samples = read_samples(path, self.catalog.titles)
         if self.subsets[split] is not None:
-            samples = samples[: int(self.subsets[split])]
+            samples = samples[: self.subsets[split]]
         if split == "train" and self.sample is not None:
             samples = sample_rows(samples, self.sample, self.seed, path)
         negs = self.num_negatives if split == "train" else 0

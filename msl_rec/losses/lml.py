@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from msl_rec.losses.base import RecLoss, ResponseBatch
+from msl_rec.losses.base import RecLoss, ResponseBatch, loss_setting
 from msl_rec.losses.functional import lml_loss, positive_weight, valid_probability
 
 
@@ -12,7 +12,7 @@ class LMLLoss(RecLoss):
     """Cross-entropy over the full vocabulary at the response positions only.
 
     Args:
-        tau: softmax temperature (1.0 = plain LML).
+        tau: softmax temperature (1.0 = plain LML), > 0.
 
     Metrics (from the same logits, without grad): ``loss``, ``tau`` and ``w_mean``, the paper's w
     (Eq. 7, Fig. 5) ``1 - softmax(logits / tau)[y]`` at the positive token. When the batch carries
@@ -24,7 +24,7 @@ class LMLLoss(RecLoss):
 
     def __init__(self, tau: float = 1.0):
         super().__init__()
-        self.tau = float(tau)
+        self.tau = loss_setting("tau", tau, above=0)
 
     def forward(self, batch: ResponseBatch) -> tuple[torch.Tensor, dict[str, float]]:
         logits = batch.hidden @ batch.weight.T

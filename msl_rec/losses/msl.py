@@ -7,7 +7,7 @@ import math
 import torch
 import torch.distributed as dist
 
-from msl_rec.losses.base import RecLoss, ResponseBatch
+from msl_rec.losses.base import RecLoss, ResponseBatch, loss_choice, loss_flag, loss_setting
 from msl_rec.losses.functional import (
     ats_positions,
     ats_root,
@@ -23,7 +23,7 @@ class MSLLoss(RecLoss):
     """Masked softmax loss (Eq. 9), scoring only the union of the batch's valid ids.
 
     Args:
-        tau: softmax temperature; the loss is multiplied by it (Eq. 9).
+        tau: softmax temperature, > 0; the loss is multiplied by it (Eq. 9).
         alpha_mode: Table 6's "MSL + alpha": the valid non-target terms of the denominator are
             weighted by ``alpha = |Z| / |Z_valid|``; invalid tokens stay out
             (:func:`~msl_rec.losses.functional.msl_alpha_loss`, from the same union logits).
@@ -42,9 +42,9 @@ class MSLLoss(RecLoss):
 
     def __init__(self, tau: float = 1.0, alpha_mode: bool = False, log_invalid_mass: bool = True):
         super().__init__()
-        self.tau = float(tau)
-        self.alpha_mode = bool(alpha_mode)
-        self.log_invalid_mass = bool(log_invalid_mass)
+        self.tau = loss_setting("tau", tau, above=0)
+        self.alpha_mode = loss_flag("alpha_mode", alpha_mode)
+        self.log_invalid_mass = loss_flag("log_invalid_mass", log_invalid_mass)
 
     def forward(self, batch: ResponseBatch) -> tuple[torch.Tensor, dict[str, float]]:
         return self._masked_softmax(batch, self.tau)
@@ -93,6 +93,10 @@ class MSLATSLoss(MSLLoss):
     In eval mode nothing is accumulated. The EMA and the step count are buffers (saved in
     checkpoints); the pending sums are not (checkpoints are written between steps).
 
+    Settings, checked at construction (errors name the ``loss.`` key): ``tau_min``, ``tau_max``,
+    ``warmup_tau``, ``eta`` and ``ema_init`` (or None) > 0, ``tau_min <= tau_max``, ``ema`` in (0, 1],
+    ``warmup_steps`` a whole number >= 0.
+
     Metrics: those of :class:`MSLLoss` per micro-batch (``tau`` is the tau used); per optimizer
     step, from :meth:`on_optimizer_step`: ``tau_raw`` and ``ats_m`` (the m it used).
     """
@@ -101,19 +105,20 @@ class MSLATSLoss(MSLLoss):
                  ema: float = 0.05, ema_init: float | None = 1.5, stats_at: str = "root",
                  warmup_steps: int = 0, warmup_tau: float = 1.5, alpha_mode: bool = False,
                  log_invalid_mass: bool = True):
+        # checked before MSLLoss's own checks, which would name warmup_tau loss.tau
+        warmup_tau = loss_setting("warmup_tau", warmup_tau, above=0)
         super().__init__(tau=warmup_tau, alpha_mode=alpha_mode, log_invalid_mass=log_invalid_mass)
-        if root not in ("plus", "minus"):
-            raise ValueError(f"root must be 'plus' or 'minus', got {root!r}")
-        if stats_at not in ("root", "widest"):
-            raise ValueError(f"stats_at must be 'root' or 'widest', got {stats_at!r}")
-        if not 0 < ema <= 1:
-            raise ValueError(f"ema must be in (0, 1], got {ema}")
-        if tau_min > tau_max:
-            raise ValueError(f"tau_min={tau_min} > tau_max={tau_max}")
-        self.eta, self.root, self.stats_at = float(eta), root, stats_at
-        self.tau_min, self.tau_max = float(tau_min), float(tau_max)
-        self.ema, self.warmup_steps, self.warmup_tau = float(ema), int(warmup_steps), float(warmup_tau)
-        init = float("nan") if ema_init is None else float(ema_init)
+        self.root = loss_choice("root", root, ("plus", "minus"))
+        self.stats_at = loss_choice("stats_at", stats_at, ("root", "widest"))
+        self.eta = loss_setting("eta", eta, above=0)  # C = log(m * eta) needs m * eta > 0
+        self.ema = loss_setting("ema", ema, above=0, at_most=1)
+        self.tau_min = loss_setting("tau_min", tau_min, above=0)
+        self.tau_max = loss_setting("tau_max", tau_max, above=0)
+        if self.tau_min > self.tau_max:
+            raise ValueError(f"loss.tau_min={tau_min} > loss.tau_max={tau_max}: the clamp range is empty")
+        self.warmup_steps = loss_setting("warmup_steps", warmup_steps, at_least=0, integer=True)
+        self.warmup_tau = warmup_tau
+        init = float("nan") if ema_init is None else loss_setting("ema_init", ema_init, above=0)
         self.register_buffer("tau_ema", torch.tensor(init, dtype=torch.float64))
         self.register_buffer("step", torch.tensor(0, dtype=torch.int64))  # optimizer steps done
         # this step's sums so far: [n_valid, sum_valid, sumsq_valid, n_pos, sum_pos, sum_valid_size]

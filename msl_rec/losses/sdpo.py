@@ -19,7 +19,7 @@ from collections.abc import Callable, Mapping
 import torch
 from torch import nn
 
-from msl_rec.losses.base import RecLoss, ResponseBatch
+from msl_rec.losses.base import RecLoss, ResponseBatch, loss_setting
 from msl_rec.losses.functional import sdpo_loss, sequence_logps
 
 
@@ -27,8 +27,9 @@ class SDPOLoss(RecLoss):
     """S-DPO over ``S = B * (1 + n)`` sequences: B positives, then the negatives in (b, j) order.
 
     Args:
-        beta: scale of the implicit reward ``beta * (log pi - log pi_ref)``.
-        num_negatives: n, negatives per sample the data module must add.
+        beta: scale of the implicit reward ``beta * (log pi - log pi_ref)``, > 0 (0 makes the loss
+            a constant, a negative beta rewards the negatives).
+        num_negatives: n >= 1, negatives per sample the data module must add.
 
     Metrics: ``loss``, ``reward_margin`` (mean of ``beta * (r_pos - mean_j r_neg_j)``) and
     ``reward_accuracy`` (share of samples whose positive reward beats every negative's).
@@ -38,10 +39,8 @@ class SDPOLoss(RecLoss):
 
     def __init__(self, beta: float = 1.0, num_negatives: int = 3):
         super().__init__()
-        if num_negatives < 1:
-            raise ValueError(f"num_negatives must be >= 1, got {num_negatives}")
-        self.beta = float(beta)
-        self.num_negatives = int(num_negatives)
+        self.beta = loss_setting("beta", beta, above=0)
+        self.num_negatives = loss_setting("num_negatives", num_negatives, at_least=1, integer=True)
 
     def forward(self, batch: ResponseBatch) -> tuple[torch.Tensor, dict[str, float]]:
         if batch.ref_logps is None:

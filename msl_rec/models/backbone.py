@@ -129,12 +129,14 @@ def attach_lora(base: nn.Module, lora: Mapping[str, Any]):
     return get_peft_model(base, lora_config(lora))
 
 
-def build_backbone(cfg: Mapping[str, Any], on_meta: bool = False, merge_adapter: Mapping | None = None):
+def build_backbone(cfg: Mapping[str, Any], on_meta: bool = False, merge_adapter: Mapping | None = None,
+                   merge_source: str = "SFT adapter"):
     """The backbone as a peft model with a trainable LoRA adapter; only the adapter requires grad.
 
     ``merge_adapter``: a state dict of LoRA weights (peft key names, e.g. from an LML checkpoint)
     to merge into the base before the fresh adapter is attached (S-DPO starts from the SFT model
-    and uses it, adapter disabled, as its reference).
+    and uses it, adapter disabled, as its reference). Its keys and shapes must be those of an
+    adapter built with ``cfg.lora``, else a ValueError naming ``merge_source`` (e.g. the file).
     """
     cfg = _plain(cfg)
     base = load_base_model(cfg, on_meta=on_meta)
@@ -147,8 +149,15 @@ def build_backbone(cfg: Mapping[str, Any], on_meta: bool = False, merge_adapter:
         lora_params = {n for n, p in sft.named_parameters() if p.requires_grad}
         missing, unexpected = sorted(lora_params - set(merge_adapter)), sorted(set(merge_adapter) - lora_params)
         if missing or unexpected:
-            raise ValueError(f"SFT adapter does not match backbone {cfg.get('name')!r} with its LoRA settings: "
+            raise ValueError(f"{merge_source} does not match backbone {cfg.get('name')!r} with its LoRA settings: "
                              f"missing e.g. {missing[:3]}, unexpected e.g. {unexpected[:3]}")
+        params = dict(sft.named_parameters())
+        # checked here: peft / torch would report a size mismatch without naming the file or the setting
+        wrong = [f"{k}: {tuple(v.shape)} vs {tuple(params[k].shape)}" for k, v in merge_adapter.items()
+                 if tuple(v.shape) != tuple(params[k].shape)]
+        if wrong:
+            raise ValueError(f"{merge_source}: LoRA shapes do not match backbone {cfg.get('name')!r} with "
+                             f"backbone.lora={dict(lora)} (saved vs configured): {wrong[:2]}")
         sft.load_state_dict(dict(merge_adapter), strict=False)
         base = sft.merge_and_unload()
     return attach_lora(base, lora)

@@ -150,16 +150,61 @@ def load_adapter_state_dict(module: nn.Module, state: Mapping[str, torch.Tensor]
             t.copy_(state[k].to(device=t.device, dtype=t.dtype))
 
 
-def sft_adapter(path: str | Path) -> dict[str, torch.Tensor]:
+SFT_LOSS = "LMLLoss"  # S-DPO starts from a model fine-tuned with the language-modelling loss
+
+
+def sft_adapter(path: str | Path, backbone_cfg: Mapping[str, Any] | None = None) -> dict[str, torch.Tensor]:
     """The LoRA weights of an SFT checkpoint with peft key names (``base_model....``), to merge
-    into the base before S-DPO. A file with no LoRA weights is an error, never a silent no-op."""
-    state = read_checkpoint(path)["state_dict"]
+    into the base before S-DPO.
+
+    Refused with a :class:`CheckpointError` naming the file: a file with no LoRA weights (never a
+    silent no-op); a checkpoint of a run trained with any loss but LML (its
+    ``hyper_parameters.loss._target_``: S-DPO's reference is the SFT model); and, given the
+    configured ``backbone_cfg``, one of another backbone or whose LoRA rank or alpha differ from
+    ``backbone.lora`` (the adapter is merged with the configured settings, so another r cannot load
+    and another alpha would silently rescale the merged update by ``alpha / r``).
+    """
+    ckpt = read_checkpoint(path)
+    state = ckpt["state_dict"]
     lora = {canonical_key(k)[len("model."):]: v for k, v in state.items()
             if canonical_key(k).startswith("model.") and "lora_" in k}
     if not lora:
         raise CheckpointError(f"SFT checkpoint {path}: no LoRA weights in its state_dict ({len(state)} keys, "
                               f"e.g. {sorted(state)[:3]}); pass a checkpoint of an LML (SFT) run")
+    hparams = ckpt.get("hyper_parameters") or {}
+    loss = (hparams.get("loss") or {}).get("_target_")
+    if not isinstance(loss, str) or loss.rsplit(".", 1)[-1] != SFT_LOSS:
+        trained = f"was trained with loss {loss}" if loss else "holds no record of its loss (hyper_parameters.loss)"
+        raise CheckpointError(f"SFT checkpoint {path} {trained}, not {SFT_LOSS}: S-DPO starts from an LML (SFT) "
+                              f"run; pass a checkpoint of `msl-rec-train experiment=books_lml` (or loss=lml) "
+                              f"as sdpo.sft_ckpt")
+    if backbone_cfg is not None:
+        _check_sft_lora(path, ckpt, lora, backbone_cfg)
     return lora
+
+
+def _check_sft_lora(path: str | Path, ckpt: Mapping[str, Any], lora: Mapping[str, torch.Tensor],
+                    backbone_cfg: Mapping[str, Any]) -> None:
+    """The SFT checkpoint's backbone, LoRA rank (from its ``lora_A`` shapes, (r, in)) and alpha (from
+    its hyper_parameters, when recorded) against the configured ``backbone_cfg``."""
+    saved_backbone = (ckpt.get("hyper_parameters") or {}).get("backbone") or {}
+    saved_name = (ckpt.get("adapter") or {}).get("backbone", saved_backbone.get("name"))
+    if saved_name is not None and saved_name != backbone_cfg.get("name"):
+        raise CheckpointError(f"SFT checkpoint {path} was trained with backbone {saved_name!r} but the config "
+                              f"names {backbone_cfg.get('name')!r}; run S-DPO with backbone={saved_name}")
+    want = dict(backbone_cfg.get("lora") or {})
+    want_r, want_alpha = int(want.get("r", 8)), want.get("alpha", 16)  # backbone.lora_config's defaults
+    ranks = sorted({int(v.shape[0]) for k, v in lora.items() if "lora_A" in k and v.dim() == 2})
+    if ranks and ranks != [want_r]:
+        raise CheckpointError(f"SFT checkpoint {path}: its LoRA adapter has r={', '.join(map(str, ranks))} but "
+                              f"backbone.lora.r={want_r} is configured; the SFT adapter is merged with the configured "
+                              f"LoRA settings, so set backbone.lora.r={ranks[0]} (as in its run)")
+    saved_alpha = (saved_backbone.get("lora") or {}).get("alpha")
+    if saved_alpha is not None and float(saved_alpha) != float(want_alpha):
+        raise CheckpointError(f"SFT checkpoint {path}: its run used backbone.lora.alpha={saved_alpha} but "
+                              f"backbone.lora.alpha={want_alpha} is configured; merging with it would scale the SFT "
+                              f"update by {want_alpha}/r instead of {saved_alpha}/r, so set "
+                              f"backbone.lora.alpha={saved_alpha}")
 
 
 # ---------------------------------------------------------------------------- backbone record

@@ -1,3 +1,5 @@
+import re
+
 import pytest
 import torch
 from hydra import compose, initialize_config_dir
@@ -169,3 +171,24 @@ def test_train_sampler_under_ddp_takes_this_ranks_share(cfg, tokenizer, catalog)
         shares.append([i for i in loader.sampler])
     assert len(shares[0]) == len(shares[1]) == 15 and not set(shares[0]) & set(shares[1])
     assert set(shares[0]) | set(shares[1]) == set(range(30))
+
+
+@pytest.mark.parametrize("key,value,says", [
+    ("train_subset", 0, "must be >= 1"),
+    ("train_subset", -3, "must be >= 1"),  # rows[:-3] used to drop the last 3 rows silently
+    ("valid_subset", 0, "must be >= 1"),
+    ("test_subset", -1, "must be >= 1"),
+    ("sample", 0, "must be >= 1"),
+    ("valid_subset", 2.5, "must be a whole number"),
+    ("valid_subset", "abc", "must be a whole number"),
+    ("sample", True, "must be a whole number"),
+])
+def test_row_counts_below_one_are_an_error_naming_the_key(cfg, tokenizer, catalog, key, value, says):
+    kw = {"train_subset": None} if key == "sample" else {}
+    with pytest.raises(ValueError, match=re.escape(f"data.{key}={value!r}: {says}")):
+        RecDataModule(cfg.dataset, tokenizer, catalog, **{**kw, key: value})
+
+
+def test_row_counts_as_whole_floats_are_kept(cfg, tokenizer, catalog):
+    dm = make_dm(cfg, tokenizer, catalog, train_subset=6.0, valid_subset=None)
+    assert len(dm.datasets["train"]) == 6 and dm.subsets == {"train": 6, "valid": None, "test": None}

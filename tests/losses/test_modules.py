@@ -103,13 +103,15 @@ def _step(loss_fn: MSLATSLoss, *micro_batches: ResponseBatch) -> tuple[list[floa
 @pytest.mark.parametrize("stats_at", ["root", "widest"])
 def test_ats_raw_tau_matches_eq12(root, stats_at):
     b = make_batch(num_seqs=6, seed=3, dtype=torch.float64)
-    loss_fn = MSLATSLoss(root=root, stats_at=stats_at, tau_min=-1e9, tau_max=1e9, ema_init=None)
+    # the clamp as wide as a temperature allows (tau_min > 0): tau_raw is logged unclamped
+    loss_fn = MSLATSLoss(root=root, stats_at=stats_at, tau_min=1e-9, tau_max=1e9, ema_init=None)
     _, logged = _step(loss_fn, b)
     at = None if stats_at == "root" else _widest_brute(b)
     raw, m = _eq12_tau(b, at, root=root)
     assert logged["tau_raw"] == pytest.approx(raw, rel=1e-6)  # C = log(m eta) near 0 amplifies rounding
     assert logged["ats_m"] == pytest.approx(m)
-    assert float(loss_fn.tau_ema) == pytest.approx(raw, rel=1e-6)  # ema_init None: starts at the first root
+    # ema_init None: starts at the first clamped root (three of these four roots are negative)
+    assert float(loss_fn.tau_ema) == pytest.approx(max(raw, 1e-9), rel=1e-6)
     if stats_at == "widest":
         assert m > _eq12_tau(b)[1]  # this batch's roots are not its widest positions
 
@@ -206,7 +208,8 @@ def _ddp_worker(rank: int, world: int, port: int, out: str) -> None:
         # uneven shards, 2 micro-batches per rank per step
         parts = [_split(b, slice(0, 1)), _split(b, slice(1, 2))] if rank == 0 else [
             _split(b, slice(2, 4)), _split(b, slice(4, 6))]
-        loss_fn = MSLATSLoss(tau_min=-1e9, tau_max=1e9, ema=0.5)
+        # a clamp below this batch's root (1.03), so it cannot hide a desync between the ranks
+        loss_fn = MSLATSLoss(tau_min=1e-3, tau_max=1e9, ema=0.5)
         taus = []
         for _ in range(2):
             used, _logged = _step(loss_fn, *parts)
@@ -226,7 +229,7 @@ def _free_port() -> int:
 def test_ats_same_tau_on_every_rank(tmp_path):
     mp.spawn(_ddp_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True)
     rank0, rank1 = (torch.load(tmp_path / f"rank{r}.pt") for r in range(2))
-    single = MSLATSLoss(tau_min=-1e9, tau_max=1e9, ema=0.5)
+    single = MSLATSLoss(tau_min=1e-3, tau_max=1e9, ema=0.5)
     b = make_batch(num_seqs=6, seed=5)
     expected = [_step(single, b)[0][0] for _ in range(2)] + [float(single.tau_ema)]
     assert rank0 == rank1

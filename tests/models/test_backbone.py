@@ -60,6 +60,15 @@ def test_merge_adapter_folds_sft_weights_into_base():
     torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
 
 
+def test_merge_adapter_of_another_rank_is_a_named_error():
+    """peft / torch would raise a bare size mismatch; the error names the source and the LoRA setting."""
+    small = build_backbone(backbone_cfg("tiny_llama", lora={"r": 4}))
+    adapter = {n: p.detach().clone() for n, p in small.named_parameters() if "lora_" in n}
+    with pytest.raises(ValueError, match=r"SFT checkpoint x.ckpt: LoRA shapes do not match backbone 'tiny_llama' "
+                                         r"with backbone.lora=.*'r': 8.*\(4, 64\) vs \(8, 64\)"):
+        build_backbone(backbone_cfg("tiny_llama"), merge_adapter=adapter, merge_source="SFT checkpoint x.ckpt")
+
+
 @pytest.mark.slow
 def test_smollm2_loads_from_gguf_cache():
     model = build_backbone(backbone_cfg("smollm2_135m"))

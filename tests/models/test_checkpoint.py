@@ -167,11 +167,67 @@ def test_sft_checkpoint_without_lora_is_an_error(tmp_path):
 
 
 def test_sft_adapter_from_another_backbone_setting_is_an_error(tmp_path):
-    _save(_module(lora={"target_modules": ["q_proj"]}), tmp_path / "q_only.ckpt")
+    _save(_module("lml", lora={"target_modules": ["q_proj"]}), tmp_path / "q_only.ckpt")
     m = RecLitModule(backbone=_cfg("backbone", "tiny_llama"), loss=_cfg("loss", "sdpo"),
                      sft_ckpt=str(tmp_path / "q_only.ckpt"))
-    with pytest.raises(ValueError, match="missing e.g.*v_proj"):
+    with pytest.raises(ValueError, match="q_only.ckpt does not match.*missing e.g.*v_proj"):
         m.configure_model()
+
+
+def _sdpo_from(sft: Path, **backbone_over) -> RecLitModule:
+    return RecLitModule(backbone=_cfg("backbone", "tiny_llama", **backbone_over), loss=_cfg("loss", "sdpo"),
+                        sft_ckpt=str(sft))
+
+
+def test_sft_checkpoint_of_an_lml_run_is_merged(tmp_path):
+    sft = _module("lml")
+    _save(sft, tmp_path / "lml.ckpt")
+    dpo = _sdpo_from(tmp_path / "lml.ckpt")
+    dpo.configure_model()
+    sft.eval(), dpo.eval()
+    with torch.no_grad(), dpo.model.disable_adapter():  # the reference is the SFT model
+        torch.testing.assert_close(dpo(IDS, MASK), sft(IDS, MASK), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("loss", ["msl", "msl_ats", "sdpo"])
+def test_sft_checkpoint_of_another_loss_is_refused(tmp_path, loss):
+    _save(_module(loss), tmp_path / f"{loss}.ckpt")
+    target = _cfg("loss", loss)["_target_"]
+    with pytest.raises(C.CheckpointError, match=f"{loss}.ckpt was trained with loss {target}, not LMLLoss") as e:
+        _sdpo_from(tmp_path / f"{loss}.ckpt").configure_model()
+    assert "sdpo.sft_ckpt" in str(e.value)
+
+
+def test_sft_checkpoint_without_a_loss_record_is_refused(tmp_path):
+    ckpt = _save(_module("lml"), tmp_path / "lml.ckpt")
+    del ckpt["hyper_parameters"]
+    torch.save(ckpt, tmp_path / "bare.ckpt")
+    with pytest.raises(C.CheckpointError, match="bare.ckpt holds no record of its loss"):
+        C.sft_adapter(tmp_path / "bare.ckpt")
+
+
+def test_sft_checkpoint_with_another_lora_rank_names_both(tmp_path):
+    _save(_module("lml", lora={"r": 4}), tmp_path / "r4.ckpt")
+    with pytest.raises(C.CheckpointError, match=r"r4.ckpt: its LoRA adapter has r=4 but backbone.lora.r=8 is "
+                                                r"configured.*set backbone.lora.r=4"):
+        _sdpo_from(tmp_path / "r4.ckpt").configure_model()
+    _sdpo_from(tmp_path / "r4.ckpt", lora={"r": 4}).configure_model()  # the run's own rank merges
+
+
+def test_sft_checkpoint_with_another_lora_alpha_names_both(tmp_path):
+    _save(_module("lml", lora={"alpha": 32}), tmp_path / "a32.ckpt")
+    with pytest.raises(C.CheckpointError, match=r"a32.ckpt: its run used backbone.lora.alpha=32 but "
+                                                r"backbone.lora.alpha=16 is configured"):
+        _sdpo_from(tmp_path / "a32.ckpt").configure_model()
+
+
+def test_sft_checkpoint_of_another_backbone_names_both(tmp_path):
+    ckpt = _save(_module("lml"), tmp_path / "lml.ckpt")
+    ckpt["adapter"]["backbone"] = ckpt["hyper_parameters"]["backbone"]["name"] = "other_llama"
+    torch.save(ckpt, tmp_path / "other.ckpt")
+    with pytest.raises(C.CheckpointError, match="other.ckpt was trained with backbone 'other_llama' but the "
+                                                "config names 'tiny_llama'"):
+        _sdpo_from(tmp_path / "other.ckpt").configure_model()
 
 
 def _draws() -> tuple:
