@@ -1,0 +1,260 @@
+"""The report and the comparison driver never give a silently wrong result (issue 19): runs are
+grouped by (dataset, backbone, decoder, split, users, loss); a duplicated seed, a truncated file and
+a failed job are said out loud; ``experiments.compare --out`` writes nowhere else, and its resume
+refuses outputs made with other settings."""
+
+from __future__ import annotations
+
+import json
+import re
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from msl_rec.utils.config import PROJECT_ROOT
+
+LML = {"_target_": "msl_rec.losses.LMLLoss", "tau": 1.0}
+MSL = {"_target_": "msl_rec.losses.MSLLoss", "tau": 1.5}
+
+
+def make_run(folder: Path, cfg: dict, metrics: dict | None = None) -> Path:
+    """A run folder: ``.hydra/config.yaml`` and, unless None, ``metrics.json``."""
+    (folder / ".hydra").mkdir(parents=True)
+    (folder / ".hydra" / "config.yaml").write_text(yaml.safe_dump(cfg))
+    if metrics is not None:
+        (folder / "metrics.json").write_text(json.dumps(metrics))
+    return folder
+
+
+def train_cfg(loss: dict, seed: int, dataset: str = "books", backbone: str = "tiny_llama") -> dict:
+    return {"loss": loss, "seed": seed, "dataset": {"name": dataset}, "backbone": {"name": backbone},
+            "decoder": {"name": "cbs_masked"}, "data": {"valid_subset": 64}}
+
+
+def val_metrics(ndcg10: float) -> dict:
+    return {"ndcg@5": ndcg10, "ndcg@10": ndcg10, "hr@5": ndcg10, "hr@10": ndcg10}
+
+
+def make_eval(folder: Path, run_dir: Path | None, ranks: list[int], rows: list[int],
+              decoder: str = "cbs_masked") -> Path:
+    """An ``msl-rec-eval`` folder of ``run_dir`` (None: a model-free baseline) on split rows ``rows``
+    (user ``row``, target ``1000 + row``); its own config names the eval.yaml default backbone."""
+    from msl_rec.metrics import compute_metrics
+
+    cfg = {"split": "valid", "dataset": {"name": "books"}, "backbone": {"name": "smollm2_135m"},
+           "decoder": {"name": decoder}, "seed": 42}
+    if run_dir is not None:
+        cfg |= {"run_dir": str(run_dir), "ckpt_path": str(run_dir / "checkpoints" / "last.ckpt")}
+    make_run(folder, cfg, compute_metrics(ranks))
+    lines = [json.dumps({"row": row, "user_id": row, "target_id": 1000 + row, "rank": rank,
+                         "ranked_ids": [[7]], "scores": [0.0]}) for row, rank in zip(rows, ranks)]
+    (folder / "predictions.jsonl").write_text("\n".join(lines) + "\n")
+    return folder
+
+
+def section(text: str, start: str) -> str:
+    """The markdown section whose heading starts with ``start``, up to the next ``## `` heading."""
+    return text.split(start, 1)[1].split("\n## ", 1)[0]
+
+
+def test_report_groups_runs_by_dataset_and_backbone(tmp_path):
+    """Old behaviour: one LML row of 2 runs (books and toy mixed, mean 0.3) and MSL at -33% against it."""
+    from experiments.report import write_report
+
+    make_run(tmp_path / "lml_books", train_cfg(LML, 1), val_metrics(0.1))
+    make_run(tmp_path / "lml_toy", train_cfg(LML, 1, dataset="toy"), val_metrics(0.5))
+    make_run(tmp_path / "msl_books", train_cfg(MSL, 1), val_metrics(0.2))
+    make_run(tmp_path / "msl_books_big", train_cfg(MSL, 1, backbone="smollm2_135m"), val_metrics(0.4))
+    text = write_report([tmp_path], tmp_path / "out").read_text()
+    books = section(text, "## C1. books / smollm2_135m")
+    tiny = section(text, "## C2. books / tiny_llama / cbs_masked / valid first 64 rows")
+    toy = section(text, "## C3. toy / tiny_llama")
+    assert "| LML | 1 | 64 | 0.1000 |" in tiny and "| MSL (tau=1.5) | 1 | 64 | 0.2000 (+100.0%) |" in tiny
+    assert "| LML | 1 | 64 | 0.5000 |" in toy and "MSL" not in toy
+    assert "| MSL (tau=1.5) | 1 | 64 | 0.4000 |" in books and "%" not in books  # no LML on that backbone
+    assert "| `lml_toy` | LML | 1 | 0.5000 | 0.5000 |  | C3 |" in text
+
+
+def test_report_refuses_a_seed_counted_twice(tmp_path):
+    from experiments.report import write_report
+
+    make_run(tmp_path / "a", train_cfg(LML, 1), val_metrics(0.1))
+    make_run(tmp_path / "copy_of_a", train_cfg(LML, 1), val_metrics(0.1))
+    with pytest.raises(ValueError, match=r"/a and .*/copy_of_a: both LML with seed 1 on the same users"):
+        write_report([tmp_path], tmp_path / "out")
+
+
+def test_report_compares_only_the_same_users(tmp_path):
+    """LML on rows 0-9, MSL on rows 0-19 of the same split: two contexts, no percentage and no paired
+    comparison between them (old: MSL +x% and a paired test on the 10 shared rows). A popularity
+    baseline (its own config: another backbone) joins LML's context, where it is compared."""
+    from experiments.report import write_report
+
+    lml_train = make_run(tmp_path / "train" / "lml", train_cfg(LML, 1))
+    msl_train = make_run(tmp_path / "train" / "msl", train_cfg(MSL, 1))
+    make_eval(tmp_path / "eval" / "lml", lml_train, [0] + [-1] * 9, list(range(10)))
+    make_eval(tmp_path / "eval" / "msl", msl_train, [0] * 5 + [-1] * 15, list(range(20)))
+    make_eval(tmp_path / "eval" / "popularity", None, [-1, 0, 0] + [-1] * 7, list(range(10)),
+              decoder="popularity")
+    text = write_report([tmp_path / "eval"], tmp_path / "out").read_text()
+    assert "Failed or unfinished" not in text  # the training folders have no metrics.json, but are used
+    ten = section(text, "## C1. books / tiny_llama / cbs_masked / valid rows 0-9, users #")
+    twenty = section(text, "## C2. books / tiny_llama / cbs_masked / valid rows 0-19, users #")
+    assert "| LML | 1 | 10 | 0.1000 |" in ten and "| popularity | 1 | 10 | 0.2000 (+100.0%) |" in ten
+    assert "| MSL (tau=1.5) | 1 | 20 | 0.2500 |" in twenty and "%" not in twenty
+    paired = section(text, "## Paired comparison with LML (same users): C1")
+    assert "| popularity | ndcg@10 | 10 |" in paired and "MSL" not in paired
+    assert "Paired comparison with LML (same users): C2" not in text
+
+
+def test_report_lists_failed_and_unfinished_runs(tmp_path):
+    """A failed sweep job (failed.json, with the metrics.json of its last validation), and one with a
+    config but no metrics.json: listed, printed, and kept out of the tables (old: the failed job's
+    metrics in the LML row, the unfinished one not mentioned)."""
+    make_run(tmp_path / "0", train_cfg(LML, 1), val_metrics(0.1))
+    make_run(tmp_path / "1", train_cfg(LML, 2), val_metrics(0.9))
+    failure = {"error": "non-finite loss at step 12", "type": "FloatingPointError",
+               "overrides": ["seed=2", "optim.lr=1"]}
+    (tmp_path / "1" / "failed.json").write_text(json.dumps(failure))
+    make_run(tmp_path / "2", train_cfg(LML, 3))
+    (tmp_path / "2" / ".hydra" / "overrides.yaml").write_text(yaml.safe_dump(["seed=3"]))
+    report = [sys.executable, "-m", "experiments.report", str(tmp_path)]
+    proc = subprocess.run([*report, "--out", str(tmp_path / "out")], check=False, cwd=PROJECT_ROOT,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    failed = section(proc.stdout, "## Failed or unfinished runs (2)")
+    assert (f"| `{tmp_path / '1'}` | failed | FloatingPointError: non-finite loss at step 12 | "
+            "seed=2 optim.lr=1 |") in failed
+    assert f"| `{tmp_path / '2'}` | unfinished | no metrics.json" in failed and "| seed=3 |" in failed
+    assert "| LML | 1 | 64 | 0.1000 |" in proc.stdout
+    assert f"failed run {tmp_path / '1'}" in proc.stderr and f"unfinished run {tmp_path / '2'}" in proc.stderr
+    assert "## Failed or unfinished runs (2)" in (tmp_path / "out" / "results.md").read_text()
+    # nothing finished: an error that still names them
+    (tmp_path / "0" / "metrics.json").unlink()
+    proc = subprocess.run(report, check=False, cwd=PROJECT_ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode != 0 and "no finished runs" in proc.stderr and "FloatingPointError" in proc.stderr
+
+
+@pytest.mark.parametrize(("name", "content", "kind"), [
+    ("metrics.json", '{"ndcg@5": 0.1, "ndcg@1', "not valid JSON"),
+    ("metrics.json", "", "not valid JSON"),
+    (".hydra/config.yaml", "loss: {_target_: [", "not valid YAML"),
+    (".hydra/config.yaml", "", "expected a YAML mapping, found NoneType"),
+])
+def test_report_names_a_truncated_file(tmp_path, name, content, kind):
+    from experiments.report import write_report
+
+    run = make_run(tmp_path / "run", train_cfg(LML, 1), val_metrics(0.1))
+    (run / name).write_text(content)
+    fix = rf"re-run or re-evaluate that run \(or remove its folder {re.escape(str(run))}\)"
+    with pytest.raises(ValueError, match=rf"{re.escape(str(run / name))}: {kind}.*{fix}"):
+        write_report([tmp_path], tmp_path / "out")
+
+
+def snapshot(folder: Path) -> dict[str, tuple[int, int]]:
+    return {str(p): (p.stat().st_mtime_ns, p.stat().st_size) for p in sorted(folder.rglob("*"))}
+
+
+SMALL_PLAN = ["backbone=tiny_llama", "compare.eval.shards=1", "compare.sweep.taus=[1.0]",
+              "compare.eval.users=4"]
+
+
+def fake_finished_comparison(root: Path) -> None:
+    """The outputs of a finished ``experiments.compare --preset cpu`` with SMALL_PLAN, each step's
+    folder marked done: the driver only reports and copies."""
+    import torch
+
+    trainings = [("train", "lml", LML), ("train", "msl", MSL), ("train", "msl_ats", LML | {"tau": 2.0}),
+                 ("sweep", "tau_1", LML)]
+    for kind, name, loss in trainings:
+        run = make_run(root / kind / name, train_cfg(loss, 42))
+        (run / "checkpoints").mkdir()
+        torch.save({"state_dict": {"w": torch.zeros(2)}}, run / "checkpoints" / "last.ckpt")
+        (run / ".done").write_text("0 s\n")
+    evaluations = [("eval", "lml", root / "train" / "lml"), ("eval", "msl", root / "train" / "msl"),
+                   ("eval", "msl_ats", root / "train" / "msl_ats"), ("eval", "popularity", None),
+                   ("sweep_eval", "tau_1", root / "sweep" / "tau_1")]
+    for kind, name, run_dir in evaluations:
+        make_eval(root / kind / name, run_dir, [0, -1, -1, -1], [0, 1, 2, 3],
+                  decoder="popularity" if run_dir is None else "cbs_masked")
+        (root / kind / name / ".done").write_text("0 s\n")
+    (root / "tau.json").write_text(json.dumps({"tau": 1.0}))
+
+
+def test_compare_out_writes_nothing_outside_it(tmp_path, monkeypatch):
+    """With --out, the report, adapters, tau.json and run copies go under it (old: into the project's
+    experiments/results/compare_cpu, here a stand-in project root)."""
+    from experiments.compare import main
+    from msl_rec.utils import config
+
+    committed = PROJECT_ROOT / "experiments" / "results"
+    before = snapshot(committed)
+    monkeypatch.setattr(config, "PROJECT_ROOT", tmp_path / "project")
+    out = tmp_path / "cmp"
+    fake_finished_comparison(out)
+    handler = signal.getsignal(signal.SIGTERM)
+    try:
+        assert main(["--preset", "cpu", "--out", str(out), *SMALL_PLAN]) == 0
+    finally:
+        signal.signal(signal.SIGTERM, handler)
+    results = out / "results"
+    assert "## Paired comparison with LML (same users)" in (results / "results.md").read_text()
+    assert (results / "tau_sweep" / "results.md").is_file() and (results / "tau.json").is_file()
+    assert {p.name for p in results.glob("*.ckpt")} == {"lml.ckpt", "msl.ckpt", "msl_ats.ckpt"}
+    assert (results / "runs" / "eval" / "lml" / "predictions.jsonl").is_file()
+    assert not (tmp_path / "project").exists()
+    assert snapshot(committed) == before
+
+
+def test_compare_resume_refuses_other_settings(tmp_path):
+    """A step's output made with other settings is neither reused (done) nor resumed (partial): the
+    error names the differing keys, and nothing starts."""
+    from experiments.compare import Step, run_steps
+
+    def step(name: str, x: int, deps: tuple[str, ...] = ()) -> Step:
+        code = f"open({str(tmp_path / 'ran')!r}, 'a').write('{name}\\n')"
+        (tmp_path / name).mkdir(exist_ok=True)
+        return Step(name, tmp_path / name, lambda: [sys.executable, "-c", code], list(deps),
+                    settings=lambda: {"optim.lr": x, "seed": 42})
+
+    assert run_steps([step("a", 1), step("b", 1, ("a",))], jobs=1, env={}, log_dir=tmp_path / "logs")
+    assert json.loads((tmp_path / "a" / "step_settings.json").read_text()) == {"optim.lr": 1, "seed": 42}
+    # the same settings: skipped
+    assert run_steps([step("a", 1), step("b", 1, ("a",))], jobs=1, env={}, log_dir=tmp_path / "logs")
+    with pytest.raises(ValueError, match=r"step a: .* other settings \(optim.lr: 1 then, 2 now\)"):
+        run_steps([step("a", 2), step("b", 1, ("a",))], jobs=1, env={}, log_dir=tmp_path / "logs")
+    # b's own settings are unchanged, but a (its dependency) was made with others
+    (tmp_path / "a" / ".done").unlink()
+    (tmp_path / "a" / "step_settings.json").unlink()
+    with pytest.raises(ValueError, match=r"step b: .*other settings \(after a: "):
+        run_steps([step("a", 2), step("b", 1, ("a",))], jobs=1, env={}, log_dir=tmp_path / "logs")
+    # a partial output (not done) is not resumed with other settings either
+    (tmp_path / "b" / ".done").unlink()
+    with pytest.raises(ValueError, match=r"step b: .*optim.lr: 1 then, 3 now"):
+        run_steps([step("b", 3)], jobs=1, env={}, log_dir=tmp_path / "logs")
+    assert (tmp_path / "ran").read_text().split() == ["a", "b", "a"]  # a redone; b never twice
+
+
+def test_compare_resume_refuses_a_changed_override(tmp_path):
+    """The driver's steps record their app's composed config: a rerun with another optim.lr refuses
+    to reuse the trainings (and, through them, the evaluations)."""
+    from experiments.compare import SettingsCheck, build_steps, run_steps
+
+    root = tmp_path / "cmp"
+    fake_finished_comparison(root)
+    steps, _ = build_steps("cpu", SMALL_PLAN, root)
+    check = SettingsCheck({s.name: s for s in steps})
+    for s in steps:
+        check(s, record=True)
+    # the same settings: all done, nothing runs
+    assert run_steps(steps, jobs=1, env={}, log_dir=root / "logs")
+    steps, _ = build_steps("cpu", [*SMALL_PLAN, "optim.lr=0.001"], root)
+    with pytest.raises(ValueError, match=r"step sweep-tau_1: .*optim.lr: 0.0005 then, 0.001 now"):
+        run_steps(steps, jobs=1, env={}, log_dir=root / "logs")
+    eval_lml = next(s for s in steps if s.name == "eval-lml")
+    with pytest.raises(ValueError, match=r"step eval-lml: .*\(after train-lml: "):
+        SettingsCheck({s.name: s for s in steps})(eval_lml, record=False)
