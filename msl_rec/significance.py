@@ -125,7 +125,7 @@ def sign_flip_test(model, base, n_resamples: int = 9_999, seed: int = 0) -> floa
     x, y = np.asarray(model, dtype=float), np.asarray(base, dtype=float)
     keep = x != y
     x, y = x[keep], y[keep]
-    if x.size == 0:
+    if x.size <= 1:  # one differing user: its two sign patterns are equally extreme (scipy needs two)
         return 1.0
     res = stats.permutation_test((x, y), lambda u, v, axis: np.mean(u - v, axis=axis), vectorized=True,
                                  permutation_type="samples", alternative="two-sided",

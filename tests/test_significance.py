@@ -105,3 +105,11 @@ def test_bad_input_is_an_error():
         compare_paired(np.zeros(3), np.zeros(4), "ndcg@10")
     with pytest.raises(ValueError, match="non-finite"):
         compare_paired(np.array([0.0, np.nan]), np.zeros(2), "target_logp")
+
+
+def test_sign_flip_with_one_differing_user_is_p_one():
+    # exact: the observed difference and its flip are equally extreme, so p = 1 (scipy raised here)
+    from msl_rec.significance import sign_flip_test
+
+    assert sign_flip_test([0.0, 0.5, 0.0], [0.0, 0.0, 0.0]) == 1.0
+    assert sign_flip_test([1.0, 0.5, 0.25], [0.0, 0.0, 0.0]) == 0.25  # 3 users all up: 2 of 8 patterns as extreme
