@@ -47,7 +47,8 @@ import numpy as np
 
 DONE = ".done"
 SETTINGS = "step_settings.json"  # what a step's output was made with: a resume with other settings refuses
-KILL_AFTER_S = 10  # a stopped driver's children get SIGTERM, then SIGKILL this long after
+KILL_AFTER_S = 120  # a stopped driver's children get SIGTERM (training saves at its next optimizer step,
+# evaluation after its batch), then SIGKILL this long after
 # the apps of this checkout (python -m, run from the project root), as the console scripts would be
 TRAIN_APP, EVAL_APP = [sys.executable, "-m", "msl_rec.train"], [sys.executable, "-m", "msl_rec.eval"]
 
@@ -136,7 +137,7 @@ def run_steps(steps: list[Step], jobs: int, env: dict[str, str], log_dir: Path, 
         for _, proc, _ in running.values():  # only this driver's own children
             proc.terminate()
         for _, proc, _ in running.values():
-            try:  # Lightning's signal handler logs a SIGTERM and carries on predicting: kill after a grace
+            try:  # SIGTERM: training saves at the next optimizer step, evaluation after its batch; then kill
                 proc.wait(timeout=KILL_AFTER_S)
             except subprocess.TimeoutExpired:
                 proc.kill()
@@ -321,6 +322,20 @@ def results_dir(plan, overrides: list[str], out: Path | None) -> Path:
     return path if path.is_absolute() else PROJECT_ROOT / path
 
 
+def set_aside_attempt(out: Path) -> None:
+    """Move an interrupted attempt that left no checkpoint (only logs, a config) to
+    ``<out>.interrupted-<time>``, keeping the step's recorded settings, so the step starts afresh."""
+    keep = {SETTINGS, ".lock"}
+    if not out.is_dir() or not [p for p in out.iterdir() if p.name not in keep]:
+        return
+    aside = out.with_name(f"{out.name}.interrupted-{time.strftime('%Y%m%d-%H%M%S')}")
+    out.rename(aside)
+    out.mkdir()
+    if (aside / SETTINGS).is_file():
+        (aside / SETTINGS).rename(out / SETTINGS)
+    print(f"[{time.strftime('%H:%M:%S')}] moved the interrupted attempt without a checkpoint to {aside}", flush=True)
+
+
 def build_steps(preset: str, overrides: list[str], root: Path,
                 results: Path | None = None) -> tuple[list[Step], Callable[[], None]]:
     """The steps of one comparison and the final report-and-copy action (into ``results``; None:
@@ -335,8 +350,9 @@ def build_steps(preset: str, overrides: list[str], root: Path,
 
     def train_step(name: str, out: Path, extra: Callable[[], list[str]], deps: list[str] | None = None) -> Step:
         def command() -> list[str]:
-            if (out / "checkpoints" / "last.ckpt").is_file():  # interrupted after an epoch: continue
+            if (out / "checkpoints" / "last.ckpt").is_file():  # interrupted after a checkpoint: continue
                 return [*TRAIN_APP, f"resume={out}"]
+            set_aside_attempt(out)  # a new run is refused in a used folder
             return [*TRAIN_APP, *base, *extra(), f"hydra.run.dir={out}"]
         return Step(name, out, command, deps or [],
                     settings=lambda: composed_settings("train.yaml", [*base, *extra()], root))

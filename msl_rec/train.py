@@ -17,7 +17,12 @@ Gradient accumulation is derived: ``optim.global_batch_size / (data.micro_batch_
 which must be a whole number.
 
 Failure behaviour (README "Failure behaviour"): a checkpoint that cannot be written, a non-finite loss
-or weight, and a reported checkpoint that is missing at the end all stop the run with an error.
+or weight, and a reported checkpoint that is missing at the end all stop the run with an error; so do
+``trainer.max_epochs=0`` / ``trainer.max_steps=0`` (no model), a ``resume=`` that changes what is
+trained (msl_rec/utils/resume.py) and a second run into a locked or already used run folder
+(msl_rec/utils/run_folder.py). SIGTERM writes ``checkpoints/last.ckpt`` at the current optimizer step
+and exits 143 (msl_rec/utils/signals.py); ``resume=`` continues there. A sweep runs every job and exits
+non-zero at its end if any failed (``failed.json`` in the job's folder; msl_rec/utils/task.py).
 """
 
 from __future__ import annotations
@@ -30,13 +35,21 @@ from typing import Any
 import hydra
 import lightning as L
 import torch
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig, OmegaConf
 
 from msl_rec.utils import config as _config  # noqa: F401  (registers ${project_root:})
 from msl_rec.utils.callbacks import BestMetricsWriter, VerifiedCheckpointIO
 from msl_rec.utils.config import CONFIG_DIR
-from msl_rec.utils.logging_utils import instantiate_callbacks, instantiate_loggers, log_hyperparameters
+from msl_rec.utils.logging_utils import (
+    instantiate_callbacks,
+    instantiate_loggers,
+    log_hyperparameters,
+    run_identity,
+)
 from msl_rec.utils.resume import resume_argv, resume_config
+from msl_rec.utils.run_folder import is_launching_process
+from msl_rec.utils.signals import SIGTERM_EXIT_CODE, StopTrainingOnSigterm
 from msl_rec.utils.task import metric_value, task_wrapper
 
 log = logging.getLogger(__name__)
@@ -64,6 +77,17 @@ def config_int(cfg: DictConfig, key: str) -> int:
         return int(value)
     except (TypeError, ValueError):
         raise ValueError(f"{key}={value!r}: expected a whole number") from None
+
+
+def check_training_length(cfg: DictConfig) -> None:
+    """A run that would train nothing (``trainer.max_epochs=0``, ``trainer.max_steps=0``,
+    ``trainer.limit_train_batches=0``) is an error naming the key: it would exit 0 with no model.
+    (-1 means unlimited for both max keys, as in Lightning.)"""
+    for key in ("trainer.max_epochs", "trainer.max_steps", "trainer.limit_train_batches"):
+        value = OmegaConf.select(cfg, key)
+        if isinstance(value, (int, float)) and not isinstance(value, bool) and value == 0:
+            raise ValueError(f"{key}={value}: the run would train nothing and save no model; set it to a positive "
+                             "number (or -1: unlimited, for max_epochs / max_steps)")
 
 
 def grad_accumulation(cfg: DictConfig, world: int) -> int:
@@ -133,7 +157,18 @@ def _plain(node: Any) -> Any:
 def train(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
     """Fit (and validate every epoch); return (metrics, objects)."""
     from msl_rec.models.module import RecLitModule
+    from msl_rec.utils.registry import check_targets
 
+    # every class the config names (a resumed run's is a loaded file) comes from the allowlist
+    check_targets(cfg, source=f"{cfg.resume}/.hydra/config.yaml" if cfg.get("resume") else "the training config")
+    if cfg.get("decoder"):  # top_k and the decoder settings fail now, not at the first validation
+        from msl_rec.decoding import decoder_settings
+
+        decoder_settings(cfg.decoder, cfg.get("top_k"))
+    from msl_rec.models.optim import optim_settings
+
+    optim_settings(_plain(cfg.get("optim")) or {})  # a bad lr / weight decay: an error before any loading
+    check_training_length(cfg)
     ws = world_size(cfg.trainer)
     accumulate = grad_accumulation(cfg, ws)  # before any loading: a bad batch setting fails at once
     if cfg.get("seed") is not None:
@@ -149,7 +184,10 @@ def train(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
     _, _, dm = build_data(cfg, num_negatives=int(getattr(module.loss, "num_negatives", 0)))
 
     callbacks = instantiate_callbacks(cfg.get("callbacks"))
-    loggers = instantiate_loggers(cfg.get("logger"), cfg.paths.output_dir)
+    # not optional: a SIGTERM saves checkpoints/last.ckpt at the current step and exits 143
+    callbacks.append(StopTrainingOnSigterm(Path(cfg.paths.output_dir) / "checkpoints"))
+    # a wandb run named after what varies (dataset/backbone/loss/overrides), not "train"
+    loggers = instantiate_loggers(cfg.get("logger"), cfg.paths.output_dir, identity=run_identity(cfg))
     trainer_cfg = OmegaConf.to_container(cfg.trainer, resolve=True)
     trainer_cfg["precision"] = trainer_precision(cfg.trainer)
     trainer_cfg["accumulate_grad_batches"] = accumulate
@@ -168,7 +206,12 @@ def train(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
         from msl_rec.models.checkpoint import read_checkpoint
 
         read_checkpoint(cfg.ckpt_path)  # a bad or unsafe file: an error naming it, before training starts
-    trainer.fit(module, datamodule=dm, ckpt_path=cfg.get("ckpt_path"), weights_only=True)
+    try:
+        trainer.fit(module, datamodule=dm, ckpt_path=cfg.get("ckpt_path"), weights_only=True)
+    except SIGTERMException as stop:  # Lightning raises it with no exit code, which would exit 0
+        if stop.code in (None, 0):
+            raise SIGTERMException(SIGTERM_EXIT_CODE) from stop
+        raise
     metrics = {k: (v.item() if hasattr(v, "item") else v) for k, v in trainer.callback_metrics.items()}
     # the sweep objective is the selected (best) epoch's, not the last epoch's
     for cb in trainer.callbacks:
@@ -199,7 +242,10 @@ def hydra_main(cfg: DictConfig) -> float | None:
     if cfg.get("resume"):
         from hydra.core.hydra_config import HydraConfig
 
-        cfg = resume_config(cfg, list(HydraConfig.get().overrides.task))
+        hc = HydraConfig.get()
+        # every config group of this composition (budget, experiment, ...), not a hand-kept list
+        cfg = resume_config(cfg, list(hc.overrides.task), groups=dict(hc.runtime.choices),
+                            record=is_launching_process())
     if cfg.get("extras", {}).get("print_config"):
         log.info("config:\n%s", OmegaConf.to_yaml(cfg, resolve=False))
     metrics, _ = train(cfg)

@@ -92,11 +92,11 @@ def test_shards_merge_to_the_whole_split(compose_eval, tmp_path):
     import pytest
 
     whole, halves = tmp_path / "whole", [tmp_path / "s0", tmp_path / "s1"]
-    full, _ = evaluate_app(compose_eval("subset=5", "decoder.num_beams=4", "top_k=[1,2,4]", "decoder.top_k=[1,2,4]",
+    full, _ = evaluate_app(compose_eval("subset=5", "decoder.num_beams=4", "top_k=[1,2,4]",
                                         out=whole))
     for i, out in enumerate(halves):
         evaluate_app(compose_eval("subset=5", f"shard={i}/2", "decoder.num_beams=4", "top_k=[1,2,4]",
-                                  "decoder.top_k=[1,2,4]", out=out))
+                                  out=out))
     assert [len(_predictions(h)) for h in halves] == [2, 3]
     merged, _ = evaluate_app(compose_eval(f"merge=[{halves[0]},{halves[1]}]", "top_k=[1,2,4]", out=tmp_path / "m"))
     a, b = _predictions(whole), _predictions(tmp_path / "m")
@@ -146,7 +146,7 @@ def test_merge_names_a_missing_folder(compose_eval, tmp_path):
     import pytest
 
     with pytest.raises(FileNotFoundError, match="nowhere"):
-        evaluate_app(compose_eval(f"merge=[{tmp_path / 'nowhere'}]", out=tmp_path / "m"))
+        evaluate_app(compose_eval(f"merge=[{tmp_path / 'nowhere'},{tmp_path / 'elsewhere'}]", out=tmp_path / "m"))
 
 
 def test_resume_checks_saved_rows_against_the_split(compose_eval, tmp_path):
@@ -270,7 +270,7 @@ def test_ddp_sim_eval_equals_one_process(cli, tmp_path):
     """trainer=ddp_sim: 2 gloo processes, each every other batch; one predictions.jsonl and
     metrics.json equal to a one-process run's (same batches, so the same numbers)."""
     args = ("backbone=tiny_llama", "logger=none", "subset=7", "data.eval_batch_size=2", "decoder.num_beams=4",
-            "decoder.top_k=[1,2,4]", "top_k=[1,2,4]", "scoring.num_negatives=3")
+            "top_k=[1,2,4]", "scoring.num_negatives=3")
     one, two = tmp_path / "one", tmp_path / "two"
     cli("msl_rec.eval", *args, f"hydra.run.dir={one}")
     cli("msl_rec.eval", *args, "trainer=ddp_sim", f"hydra.run.dir={two}")

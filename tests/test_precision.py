@@ -23,8 +23,37 @@ def test_auto_precision_follows_cpu_bf16_support(monkeypatch, native):
     assert trainer_precision(OmegaConf.create({"accelerator": "cpu", "precision": "32-true"})) == "32-true"
 
 
-def test_cpu_bf16_check_agrees_with_onednn():
-    assert precision.cpu_supports_bf16() == bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+def _cpu_flags() -> set[str]:
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            return next((set(line.split(":", 1)[1].split()) for line in f if line.startswith("flags")), set())
+    except OSError:
+        return set()
+
+
+def test_cpu_bf16_check_agrees_with_the_cpu_flags_and_fails_safe(monkeypatch):
+    """Against an independent source: oneDNN (hence torch) computes bf16 on x86 from AVX-512 core
+    (avx512f/bw/dq/vl: AVX512-BF16 and AMX CPUs have it) up, which /proc/cpuinfo lists. A torch
+    without oneDNN or without the check means no bf16."""
+    import os
+    import platform
+    from types import SimpleNamespace
+
+    flags = _cpu_flags()
+    if platform.machine() != "x86_64" or not flags or "ONEDNN_MAX_CPU_ISA" in os.environ:
+        pytest.skip("the flag rule is for x86-64 Linux with oneDNN's ISA unrestricted")
+    precision.cpu_supports_bf16.cache_clear()
+    try:
+        assert precision.cpu_supports_bf16() == ({"avx512f", "avx512bw", "avx512dq", "avx512vl"} <= flags)
+        precision.cpu_supports_bf16.cache_clear()
+        monkeypatch.setattr(torch.ops, "mkldnn", SimpleNamespace())  # a build without the op
+        assert precision.cpu_supports_bf16() is False
+        precision.cpu_supports_bf16.cache_clear()
+        monkeypatch.setattr(torch.backends.mkldnn, "is_available", lambda: False)
+        assert precision.cpu_supports_bf16() is False
+    finally:
+        monkeypatch.undo()
+        precision.cpu_supports_bf16.cache_clear()
 
 
 @pytest.mark.slow  # two fast_dev_runs with validation decoding (~50 s on 2 shared cores)

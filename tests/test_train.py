@@ -5,13 +5,17 @@ from __future__ import annotations
 import csv
 import json
 import math
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 import torch
+import yaml
 
 from msl_rec.models.module import RecLitModule
 from msl_rec.train import train
+from msl_rec.utils.config import PROJECT_ROOT
 
 
 @pytest.mark.parametrize("loss", ["lml", "msl", "msl_ats", "sdpo"])
@@ -134,6 +138,43 @@ def test_sweep_runs_every_job(tmp_path, tiny_overrides, cli):
     for j in jobs:
         assert (tmp_path / j / ".hydra" / "config.yaml").is_file()
         assert list((tmp_path / j).glob("csv/version_*/metrics.csv"))
+
+
+def test_sweep_with_a_failed_job_runs_the_others_and_exits_non_zero(tmp_path, tiny_overrides):
+    # job 1's global batch (3) is not a multiple of the micro batch (2): it fails at once, job 0 trains
+    args = [o for o in tiny_overrides if not o.startswith("optim.global_batch_size")]
+    proc = subprocess.run([sys.executable, "-m", "msl_rec.train", "-m", *args, "optim.global_batch_size=2,3",
+                           "debug=limit", "logger=csv", "trainer.max_epochs=1", "trainer.limit_train_batches=1",
+                           "data.valid_subset=2", f"hydra.sweep.dir={tmp_path}"],
+                          cwd=PROJECT_ROOT, capture_output=True, text=True, timeout=300, check=False)
+    assert proc.returncode != 0, proc.stderr[-3000:]
+    assert (tmp_path / "0" / "metrics.json").is_file() and not (tmp_path / "0" / "failed.json").exists()
+    failed = json.loads((tmp_path / "1" / "failed.json").read_text())
+    assert set(failed) == {"error", "type", "overrides"}
+    assert failed["type"] == "ValueError" and "optim.global_batch_size=3" in failed["error"]
+    assert "optim.global_batch_size=3" in failed["overrides"]
+    assert "1 job(s) of the sweep" in proc.stderr and f"{tmp_path / '1'}: ValueError" in proc.stderr
+
+
+@pytest.mark.slow  # four trainings
+def test_optuna_sweep_goes_on_after_a_failed_trial(tmp_path, tiny_overrides):
+    # a NaN objective made optuna 2.10 + hydra-optuna-sweeper 1.3 abort the whole study; a failed job
+    # returns None instead: the trial is FAIL, the study goes on, and the sweep exits non-zero at its end
+    args = [o for o in tiny_overrides if not o.startswith("optim.global_batch_size")]
+    proc = subprocess.run([sys.executable, "-m", "msl_rec.train", "-m", "experiment=tau_optuna", *args, "debug=fdr",
+                           "hydra.sweeper.n_trials=4", "optim.global_batch_size=choice(2,3)",
+                           f"hydra.sweep.dir={tmp_path}"],
+                          cwd=PROJECT_ROOT, capture_output=True, text=True, timeout=600, check=False)
+    assert proc.returncode != 0, proc.stderr[-3000:]
+    jobs = sorted(p for p in tmp_path.iterdir() if p.name.isdigit())
+    assert len(jobs) == 4, proc.stderr[-3000:]  # every trial ran
+    failed = [j for j in jobs if (j / "failed.json").is_file()]
+    assert failed and all("optim.global_batch_size=3" in json.loads((j / "failed.json").read_text())["overrides"]
+                          for j in failed)
+    assert all((j / "metrics.json").is_file() for j in jobs if j not in failed)
+    result = yaml.safe_load((tmp_path / "optimization_results.yaml").read_text())
+    assert result["best_params"]["optim.global_batch_size"] == 2
+    assert f"{len(failed)} job(s) of the sweep" in proc.stderr
 
 
 def test_ddp_sim_two_ranks_agree(tmp_path, tiny_overrides, cli):

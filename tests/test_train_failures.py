@@ -40,10 +40,14 @@ def test_checkpoints_path_that_is_a_file_stops_the_run(compose_train, tmp_path):
         train(compose_train(*SHORT, "trainer.max_epochs=1"))
 
 
-def test_nan_loss_stops_with_the_step_and_saves_nothing(compose_train, tmp_path):
-    with pytest.raises(FloatingPointError, match=r"non-finite .* at optimizer step \d+ \(epoch 0, batch \d+\)"):
-        train(compose_train(*SHORT, "optim.lr=inf", "trainer.max_epochs=1",
-                            "callbacks.step_checkpoint.every_n_train_steps=1"))
+def test_nan_loss_stops_with_the_step_and_saves_nothing(compose_train, tmp_path, monkeypatch):
+    from msl_rec.models.module import RecLitModule
+
+    step = RecLitModule.training_step  # the first batch's loss is NaN, as a diverging run's would be
+    monkeypatch.setattr(RecLitModule, "training_step",
+                        lambda self, batch, i: step(self, batch, i) * (float("nan") if i == 0 else 1.0))
+    with pytest.raises(FloatingPointError, match=r"non-finite .* at optimizer step 0 \(epoch 0, batch 0\)"):
+        train(compose_train(*SHORT, "trainer.max_epochs=1", "callbacks.step_checkpoint.every_n_train_steps=1"))
     assert not list(tmp_path.glob("checkpoints/*.ckpt"))
     assert not (tmp_path / "metrics.json").exists()
 
@@ -132,3 +136,64 @@ def test_eval_run_dir_without_checkpoint_or_config_is_an_error(tmp_path, compose
     cfg = compose_eval(f"run_dir={tmp_path}")
     with pytest.raises(FileNotFoundError, match=r"\.hydra/config\.yaml"):
         apply_run_dir(cfg)
+
+
+# --- issue 19: run folders, run ids, training length ------------------------------------------------------------
+
+
+@pytest.mark.parametrize("value", ["../../x", "a/b", "..", ".hidden", "x y", "a..b", "/abs"])
+def test_run_id_from_the_environment_must_be_one_folder_name(value):
+    from msl_rec.utils.config import run_id
+
+    with pytest.raises(ValueError, match="MSL_REC_RUN_ID"):
+        run_id({"MSL_REC_RUN_ID": value})
+    with pytest.raises(ValueError, match="TORCHELASTIC_RUN_ID"):
+        run_id({"TORCHELASTIC_RUN_ID": value})
+    assert run_id({"MSL_REC_RUN_ID": "lr_1e-4.seed-1"}) == "lr_1e-4.seed-1"
+
+
+def test_a_locked_run_folder_names_the_holder(tmp_path):
+    import os
+
+    from msl_rec.utils.run_folder import RunFolderLock, RunStopped
+
+    first = RunFolderLock(tmp_path).acquire()
+    # flock locks belong to an open file: a second open, even in this process, is another holder
+    with pytest.raises(RunStopped, match=rf"{tmp_path} is in use by another process \(pid {os.getpid()} "):
+        RunFolderLock(tmp_path).acquire()
+    first.release()
+    RunFolderLock(tmp_path).acquire().release()
+
+
+@pytest.mark.parametrize(("env", "launching"), [
+    ({}, True), ({"RANK": "0", "LOCAL_RANK": "0"}, True), ({"SLURM_PROCID": "0"}, True),
+    ({"LOCAL_RANK": "1"}, False),  # a rank Lightning's launcher started into rank 0's folder
+    ({"RANK": "3", "LOCAL_RANK": "1"}, False), ({"SLURM_PROCID": "2"}, False), ({"NODE_RANK": "1"}, False)])
+def test_only_the_launching_process_locks_and_checks_the_folder(env, launching):
+    from msl_rec.utils.run_folder import is_launching_process
+
+    assert is_launching_process(env) is launching
+
+
+def test_a_new_run_into_a_used_folder_is_refused_before_hydra_writes(tmp_path, tiny_overrides):
+    import subprocess
+    import sys
+
+    from msl_rec.utils.config import PROJECT_ROOT
+
+    (tmp_path / ".hydra").mkdir()
+    (tmp_path / ".hydra" / "config.yaml").write_text("the old run's config\n")
+    (tmp_path / "metrics.json").write_text("{}\n")
+    proc = subprocess.run([sys.executable, "-m", "msl_rec.train", *tiny_overrides, f"hydra.run.dir={tmp_path}"],
+                          cwd=PROJECT_ROOT, capture_output=True, text=True, timeout=300, check=False)
+    assert proc.returncode != 0
+    assert f"hydra.run.dir={tmp_path} already holds a training run (metrics.json)" in proc.stderr, proc.stderr[-3000:]
+    assert f"resume={tmp_path}" in proc.stderr
+    assert (tmp_path / ".hydra" / "config.yaml").read_text() == "the old run's config\n"
+    assert not (tmp_path / "train.log").exists()
+
+
+@pytest.mark.parametrize("key", ["trainer.max_epochs", "trainer.max_steps", "trainer.limit_train_batches"])
+def test_a_run_that_would_train_nothing_is_an_error(compose_train, key):
+    with pytest.raises(ValueError, match=rf"{key}=0: the run would train nothing"):
+        train(compose_train(f"{key}=0"))

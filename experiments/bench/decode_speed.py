@@ -1,17 +1,21 @@
-"""Decoding s/user: the new path vs current main's ``cbs_masked`` path, interleaved in one process.
+"""Decoding s/user: the new path vs current main's ``cbs_masked`` path, and fp32 vs bf16, in one process.
 
-    python -m experiments.bench.decode_speed [--users 16] [--batch 8] [--threads 2] [--rank-users 20]
+    python -m experiments.bench.decode_speed [--users 16] [--batch 8] [--threads 2] [--bf16-users N]
+                                             [--rank-users 20]
 
 SmolLM2-135M, Books valid users (the last rows of ``valid.csv``), 10 beams, ``mask=before``.
 
 - ``main``: fp32, full prompts prefilled (``share_preamble=False``), batches of 4 -- main's path;
-- ``new``: ``dtype=auto`` (bf16 where this CPU computes it natively), shared preamble, ``--batch``
-  users per batch.
+- ``new``: fp32 (the configs' ``dtype: float32``, what metrics are computed in), shared preamble,
+  ``--batch`` users per batch;
+- ``bf16``: the new path with ``decoder.dtype=bfloat16`` (the explicit, labelled choice), on the first
+  ``--bf16-users`` users (default: all where this CPU computes bf16 natively, else 2: emulated bf16 is
+  ~50x slower), timed against ``new`` on the same users: the printed bf16/fp32 time ratio.
 
-Both run the same users, alternating chunk by chunk, so a busy machine slows both alike. Also prints
-the preamble length (tokens) and its share of prefill time, and (``--rank-users``) how often the bf16
-and fp32 top-10 item sets agree -- only where the CPU has native bf16 unless ``--force-bf16`` (an
-emulated bf16 matmul is ~50x slower than fp32). ``--rank-users 200`` is the issue's check.
+The paths run the same users, alternating chunk by chunk, so a busy machine slows them alike. Also
+prints the preamble length (tokens) and its share of prefill time, and (``--rank-users``) how often
+the bf16 and fp32 top-10 item sets agree -- only where the CPU has native bf16 unless
+``--force-bf16``. ``--rank-users 200`` is the issue's check.
 """
 
 from __future__ import annotations
@@ -69,6 +73,27 @@ def preamble_share(model, catalog, prompts, batch: int) -> tuple[int, float]:
     return n_pre, 1 - t_rest / t_full
 
 
+def bf16_vs_fp32(model, catalog, users, args, kw: dict, native: bool) -> None:
+    """Print the decoding time of ``decoder.dtype=bfloat16`` over ``float32`` (new path, same users,
+    same batches, alternating), the bf16 copy built before timing."""
+    n = min(len(users), args.bf16_users if args.bf16_users is not None else (len(users) if native else 2))
+    if n < 1:
+        print("  bf16 vs fp32 decoding time: skipped (--bf16-users 0)")
+        return
+    part = users[:n]
+    fp32 = ConstrainedBeamSearch(catalog, dtype="float32", share_preamble=True, **kw)
+    bf16 = ConstrainedBeamSearch(catalog, dtype="bfloat16", share_preamble=True, **kw)
+    for dec in (fp32, bf16):  # warm-up: preamble KV and the frozen bf16 copy, not timed
+        timed_rank(dec, model, part[:1], 1)
+    t32 = t16 = 0.0
+    for i in range(0, n, args.batch):
+        t32 += timed_rank(fp32, model, part[i:i + args.batch], args.batch)[0]
+        t16 += timed_rank(bf16, model, part[i:i + args.batch], args.batch)[0]
+    note = "native bf16" if native else "bf16 EMULATED: this CPU has no native bf16"
+    print(f"  bf16 vs fp32 decoding time ({n} users, batch {args.batch}, {note}): "
+          f"fp32 {t32 / n:6.2f} s/user, bf16 {t16 / n:6.2f} s/user, bf16/fp32 = {t16 / t32:.2f}x")
+
+
 def top10_sets(ranking, catalog) -> list[frozenset]:
     return [frozenset(i for s, _ in r[:10] for i in catalog.seq_items[s]) for r in ranking]
 
@@ -79,6 +104,8 @@ def main(argv=None) -> None:
     p.add_argument("--batch", type=int, default=8, help="users per batch on the new path")
     p.add_argument("--main-batch", type=int, default=4, help="users per batch on main's path")
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--bf16-users", type=int, default=None,
+                   help="users timed in bf16 vs fp32 (default: all if bf16 is native, else 2)")
     p.add_argument("--rank-users", type=int, default=20, help="users for the bf16-vs-fp32 ranking check")
     p.add_argument("--force-bf16", action="store_true", help="run the bf16 check even without native bf16")
     args = p.parse_args(argv)
@@ -87,8 +114,8 @@ def main(argv=None) -> None:
     users = prompts[-args.users:]
     kw = {"num_beams": NUM_BEAMS, "mask": "before", "max_new_tokens": MAX_NEW}
     main_dec = ConstrainedBeamSearch(catalog, dtype="float32", share_preamble=False, **kw)
-    new_dec = ConstrainedBeamSearch(catalog, dtype="auto", share_preamble=True, **kw)
-    timed_rank(new_dec, model, users[:1], 1)  # warm-up (and the preamble / bf16 copy built once)
+    new_dec = ConstrainedBeamSearch(catalog, dtype="float32", share_preamble=True, **kw)
+    timed_rank(new_dec, model, users[:1], 1)  # warm-up (and the preamble built once)
     chunk = max(args.batch, args.main_batch)
     t_main = t_new = 0.0
     same = 0
@@ -99,17 +126,20 @@ def main(argv=None) -> None:
         t_main, t_new = t_main + a, t_new + b
         same += sum(x == y for x, y in zip(top10_sets(ra, catalog), top10_sets(rb, catalog)))
     n = len(users)
+    native = cpu_supports_bf16()
     print(f"SmolLM2-135M, Books valid, {NUM_BEAMS} beams, {args.threads} threads, {n} users, "
-          f"CPU native bf16: {cpu_supports_bf16()} (new path dtype: {'bfloat16' if cpu_supports_bf16() else 'float32'})")
+          f"CPU native bf16: {native} (new path dtype: {new_dec.compute_dtype})")
     print(f"  main cbs_masked (fp32, full prefill, batch {args.main_batch}) : {t_main / n:6.2f} s/user")
-    print(f"  new  (dtype=auto, shared preamble, batch {args.batch})       : {t_new / n:6.2f} s/user")
+    print(f"  new  (fp32, shared preamble, batch {args.batch})         : {t_new / n:6.2f} s/user")
     print(f"  speed-up new/main: {t_main / t_new:.2f}x (target >= 2x); top-10 sets equal for {same}/{n} users")
     n_pre, share = preamble_share(model, catalog, users, args.batch)
     mean_len = sum(map(len, users)) / n
     print(f"  preamble: {n_pre} tokens of {mean_len:.0f} per prompt on average ({n_pre / mean_len:.0%}); "
           f"sharing it saves {share:.0%} of the prefill time (batch {args.batch})")
 
-    if not (cpu_supports_bf16() or args.force_bf16):
+    bf16_vs_fp32(model, catalog, users, args, kw, native)
+
+    if not (native or args.force_bf16):
         print("  bf16 vs fp32 rankings: skipped, this CPU has no native bf16 (--force-bf16 runs it emulated)")
         return
     ranked = prompts[-args.rank_users:]

@@ -6,7 +6,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 
 from msl_rec.decoding.base import Decoder, Ranking
 from msl_rec.decoding.baselines import PopularityRanker, RandomRanker
@@ -21,10 +21,28 @@ from msl_rec.decoding.evaluate import (
     summarize,
 )
 from msl_rec.decoding.scoring import TargetScorer
+from msl_rec.utils.precision import eval_dtype
 
-__all__ = ["ConstrainedBeamSearch", "Decoder", "EvalResult", "PopularityRanker", "RandomRanker", "Ranking",
-           "TargetScorer", "build_decoder", "evaluate", "load_predictions", "merge_predictions",
-           "needs_train_targets", "predict_batch", "save_eval_result", "summarize"]
+__all__ = [
+    "ConstrainedBeamSearch",
+    "Decoder",
+    "EvalResult",
+    "PopularityRanker",
+    "RandomRanker",
+    "Ranking",
+    "TargetScorer",
+    "build_decoder",
+    "decoder_settings",
+    "evaluate",
+    "load_predictions",
+    "max_response_len",
+    "merge_predictions",
+    "needs_train_targets",
+    "predict_batch",
+    "save_eval_result",
+    "summarize",
+    "validate_top_k",
+]
 
 # config name -> (class, fixed settings)
 _REGISTRY = {
@@ -51,12 +69,27 @@ def needs_train_targets(cfg) -> bool:
     return _lookup(cfg)[0] is PopularityRanker
 
 
-def build_decoder(cfg, catalog, train_targets: Iterable[int] | None = None) -> Decoder:
-    """Build the decoder a ``configs/decoder`` config names (by ``name`` or ``_target_``).
+def validate_top_k(top_k, key: str = "top_k") -> tuple[int, ...]:
+    """``top_k`` as a tuple of distinct positive ints; an empty list, a 0 or a non-integer is an error."""
+    try:
+        ks = [int(k) for k in top_k]
+        if any(float(k) != int(k) for k in top_k):
+            raise ValueError
+    except (TypeError, ValueError):
+        raise ValueError(f"{key}={top_k!r}: expected a list of positive whole numbers, e.g. [1,5,10]") from None
+    if not ks or min(ks) < 1:
+        raise ValueError(f"{key}={list(top_k)}: needs at least one cut-off and every K >= 1, e.g. [1,5,10]")
+    return tuple(sorted(set(ks)))
 
-    Every other key is passed to the class; ``popularity`` needs ``train_targets`` (the training
-    samples' target item ids).
-    """
+
+def max_response_len(catalog) -> int:
+    """Tokens in the catalog's longest response (title + EOS): the decoders' default ``max_new_tokens``."""
+    return max(len(s) for s in catalog.sequences)
+
+
+def decoder_settings(cfg, top_k: Sequence[int] | None = None) -> tuple[type, dict]:
+    """The decoder class a ``configs/decoder`` config names and its keyword arguments, ``top_k``
+    checked (see :func:`build_decoder`); no catalog needed, so a run can check it before loading."""
     if not isinstance(cfg, Mapping):
         from omegaconf import OmegaConf
 
@@ -65,14 +98,47 @@ def build_decoder(cfg, catalog, train_targets: Iterable[int] | None = None) -> D
     cls, fixed = _lookup(cfg)
     cfg.pop("_target_", None)
     cfg.pop("name", None)
-    kwargs = {**fixed, **cfg}  # the name sets defaults (cbs_masked: mask=before); explicit keys win
-    if "top_k" in kwargs:
-        kwargs["top_k"] = tuple(kwargs["top_k"])
+    own_top_k = cfg.pop("top_k", None)
+    if top_k is None:
+        top_k = own_top_k if own_top_k is not None else (1, 5, 10)
+    elif own_top_k is not None and validate_top_k(own_top_k, "decoder.top_k") != validate_top_k(top_k):
+        raise ValueError(f"decoder.top_k={list(own_top_k)} differs from top_k={list(top_k)}: the cut-offs are set "
+                         "once, by the top-level top_k; remove decoder.top_k")
+    kwargs = {**fixed, **cfg, "top_k": validate_top_k(top_k)}  # the name sets defaults; explicit keys win
+    if cls is ConstrainedBeamSearch:
+        eval_dtype(kwargs.get("dtype", "float32"))  # dtype=auto (machine-dependent metrics) fails at start-up
+        beams = int(kwargs.get("num_beams", 10))
+        if max(kwargs["top_k"]) > beams:
+            raise ValueError(f"top_k={list(kwargs['top_k'])} asks for K={max(kwargs['top_k'])} but decoder.num_beams="
+                             f"{beams} ranks only {beams} items per user (HR@K would equal HR@{beams}); lower top_k or "
+                             f"set decoder.num_beams={max(kwargs['top_k'])}")
+    return cls, kwargs
+
+
+def build_decoder(cfg, catalog, train_targets: Iterable[int] | None = None,
+                  top_k: Sequence[int] | None = None) -> Decoder:
+    """Build the decoder a ``configs/decoder`` config names (by ``name`` or ``_target_``).
+
+    Every other key is passed to the class; ``popularity`` needs ``train_targets`` (the training
+    samples' target item ids). ``top_k`` is the run's one list of cut-offs (the config's top-level
+    ``top_k``); a decoder config that still carries its own ``top_k`` (saved by an older msl-rec) must
+    agree with it. A K larger than the ranked list the decoder returns (``num_beams``) is an error:
+    HR@20 of a 10-item list would silently equal HR@10. ``max_new_tokens: null`` (the default) is the
+    catalog's longest response, so every title can be recommended.
+    """
+    cls, kwargs = decoder_settings(cfg, top_k)
+    if cls is ConstrainedBeamSearch and kwargs.get("max_new_tokens") is None:
+        kwargs["max_new_tokens"] = max_response_len(catalog)
     if cls is PopularityRanker:
         if train_targets is None:
             raise ValueError("decoder 'popularity' needs train_targets (the training target item ids)")
-        return cls(catalog, train_targets, **kwargs)
-    decoder = cls(catalog, **kwargs)
+        decoder = cls(catalog, train_targets, **kwargs)
+    else:
+        decoder = cls(catalog, **kwargs)
+    n_results = getattr(decoder, "num_results", None)
+    if n_results is not None and max(decoder.top_k) > n_results:
+        raise ValueError(f"top_k={list(decoder.top_k)}: decoder.num_results={n_results} ranks fewer items than "
+                         f"K={max(decoder.top_k)}")
     if isinstance(decoder, ConstrainedBeamSearch):
         from msl_rec.data.catalog import warn_undecodable_titles
 

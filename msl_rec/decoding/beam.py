@@ -42,7 +42,6 @@ tokens' logits are normalised.
 
 from __future__ import annotations
 
-import copy
 import inspect
 import math
 from collections.abc import Mapping, Sequence
@@ -54,12 +53,11 @@ from transformers import DynamicCache
 
 from msl_rec.decoding import prefix_attention
 from msl_rec.decoding.base import Decoder, Ranking
-from msl_rec.utils.precision import auto_dtype
+from msl_rec.utils.precision import ModelCopies, autocast_off, eval_dtype, weights_version
 
 MASK_MODES = ("before", "after")
 SHARED_PROMPT_MODELS = ("llama",)  # attention = rotary + (GQA) softmax(q k^T * scaling) v, no sliding window
 EARLY_STOPPING = (False, True, "never")
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 MIN_PREAMBLE = 8  # a shorter shared prompt start is not worth its own forward pass
 
 
@@ -106,10 +104,13 @@ class ConstrainedBeamSearch(Decoder):
         shared_prompt: ``None`` (auto) reads each user's prompt KV in place from every beam through a
             custom attention function (:mod:`msl_rec.decoding.prefix_attention`) for LLaMA-family
             models, else re-gathers a full KV cache per step; ``True`` / ``False`` force either path.
-        dtype: ``"float32"`` (the default here), ``"auto"`` (the configs' default: bf16 where the
-            device computes it natively, :func:`~msl_rec.utils.precision.auto_dtype`) or ``"bfloat16"``. A model in
-            another dtype is decoded through a frozen, adapter-merged copy in this one; logits,
-            log-softmax and scores are always fp32.
+        dtype: the weights' dtype during decoding, ``"float32"`` (the default and the configs': the same
+            rankings on every machine) or ``"bfloat16"`` (an explicit, faster choice where bf16 is
+            native; scores differ by up to ~0.1 and rankings can change). ``"auto"`` is refused
+            (:func:`~msl_rec.utils.precision.eval_dtype`). A model in another dtype is decoded through a
+            frozen, adapter-merged copy in this one; an enclosing autocast (Lightning's ``bf16-mixed``)
+            is disabled while decoding; logits, log-softmax and scores are always fp32.
+            :attr:`compute_dtype` says which was used.
         share_preamble: compute the prompt start every user of a batch shares (the Alpaca header and
             instruction) once per weights version and reuse its KV for every batch.
     """
@@ -124,8 +125,7 @@ class ConstrainedBeamSearch(Decoder):
             raise ValueError(f"decoder.mask must be one of {MASK_MODES}, got {mask!r}")
         if early_stopping not in EARLY_STOPPING:
             raise ValueError(f"decoder.early_stopping must be one of {EARLY_STOPPING}, got {early_stopping!r}")
-        if dtype != "auto" and dtype not in DTYPES:
-            raise ValueError(f"decoder.dtype must be 'auto' or one of {sorted(DTYPES)}, got {dtype!r}")
+        self._torch_dtype = eval_dtype(dtype, "decoder.dtype")
         if num_beams < 1 or max_new_tokens < 1:
             raise ValueError("decoder.num_beams and decoder.max_new_tokens must be >= 1")
         self.top_k = tuple(int(k) for k in top_k)
@@ -140,7 +140,7 @@ class ConstrainedBeamSearch(Decoder):
         self.shared_prompt = shared_prompt
         self.dtype = dtype
         self.share_preamble = bool(share_preamble)
-        self._cast = None       # (weights version, frozen copy in self.dtype)
+        self.copies = ModelCopies()  # the model in self.dtype; shared with the target scorer
         self._preamble = None   # (weights version, tokens, per-layer (k, v))
         self.eos_id = int(catalog.eos_id)
         self._ptr, self._child_tok, self._child_node = _trie_arrays(catalog)
@@ -149,6 +149,13 @@ class ConstrainedBeamSearch(Decoder):
     def __repr__(self) -> str:
         return (f"ConstrainedBeamSearch(num_beams={self.num_beams}, mask={self.mask!r}, "
                 f"length_penalty={self.length_penalty}, max_new_tokens={self.max_new_tokens}, dtype={self.dtype!r})")
+
+    @property
+    def compute_dtype(self) -> str:
+        """The dtype the model's weights and activations are in while decoding (``"float32"`` or
+        ``"bfloat16"``), whatever the model's own dtype or an enclosing autocast: what to record
+        beside the metrics. Logits, log-softmax and beam scores are fp32 in both."""
+        return self.dtype
 
     # ------------------------------------------------------------------ model calls
     @staticmethod
@@ -201,27 +208,6 @@ class ConstrainedBeamSearch(Decoder):
         return decoder, head.weight
 
     # ------------------------------------------------------------------ model state caches
-    @staticmethod
-    def _weights_version(model) -> tuple:
-        """Changes whenever the model's function may have changed: a parameter replaced or updated
-        in place (optimiser step, ``load_state_dict``: torch bumps the tensor's version counter), a
-        peft adapter switched on/off, train/eval mode."""
-        adapters = tuple(bool(m.disable_adapters) for m in model.modules() if hasattr(m, "disable_adapters"))
-        return (id(model), model.training, adapters, tuple((id(p), p._version) for p in model.parameters()))
-
-    def _inference_model(self, model, dtype: torch.dtype, version: tuple):
-        """``model`` itself, or (another dtype) a frozen copy in ``dtype`` with any LoRA adapter merged,
-        rebuilt when the weights change. The training model is never cast in place."""
-        if next(model.parameters()).dtype == dtype:
-            return model
-        if self._cast is None or self._cast[0] != version:
-            self._cast = None  # free the old copy first
-            frozen = copy.deepcopy(model)
-            if hasattr(frozen, "merge_and_unload"):  # merged in fp32, then cast: one rounding
-                frozen = frozen.merge_and_unload()
-            self._cast = (version, frozen.to(dtype).eval())
-        return self._cast[1]
-
     def _preamble_len(self, ids: np.ndarray, attn: np.ndarray) -> int:
         """Length of the prompt start every user in the batch shares (0 if < ``MIN_PREAMBLE`` tokens).
 
@@ -262,10 +248,12 @@ class ConstrainedBeamSearch(Decoder):
     # ------------------------------------------------------------------ search
     @torch.no_grad()
     def rank(self, model, batch: Mapping[str, torch.Tensor]) -> list[Ranking]:
-        device = next(model.parameters()).device
-        dtype = auto_dtype(device) if self.dtype == "auto" else DTYPES[self.dtype]
-        version = self._weights_version(model)
-        model = self._inference_model(model, dtype, version)
+        with autocast_off(next(model.parameters()).device):  # compute_dtype, not autocast's
+            return self._rank(model, batch)
+
+    def _rank(self, model, batch: Mapping[str, torch.Tensor]) -> list[Ranking]:
+        version = weights_version(model)
+        model = self.copies.get(model, self._torch_dtype, version)
         configs = self._attn_configs(model) if self.shared_prompt is not False else None
         if self.shared_prompt and configs is None:
             raise ValueError("decoder.shared_prompt=True needs a LLaMA-family model "

@@ -21,6 +21,10 @@ published NDCG.
 Cost: one forward of prompt + response per user, plus, for the sampled rank, the prompt's KV once
 per user and one forward of the candidates' response tokens (``chunk_size`` candidates at a time).
 Full-vocabulary logits are formed at response positions only.
+
+Precision: always float32, whatever the decoder's ``dtype``, the model's own dtype (a bf16 backbone
+is scored through a float32, adapter-merged copy) or an enclosing autocast (Lightning's
+``bf16-mixed`` validation), so the signal is the same on every machine.
 """
 
 from __future__ import annotations
@@ -33,6 +37,7 @@ import torch
 
 from msl_rec.losses.functional import union_logits
 from msl_rec.models.backbone import backbone_body, output_weight, position_ids_from_mask
+from msl_rec.utils.precision import ModelCopies, autocast_off
 
 MASK_MODES = ("before", "after")
 
@@ -75,9 +80,12 @@ class TargetScorer:
         num_negatives: sampled titles the target is ranked against; 0: no ``sampled_rank``.
         seed: seeds the sampled titles (with each user's id and target id).
         chunk_size: candidate responses scored per forward (memory: ``chunk_size`` copies of a prompt's KV).
+        copies: where a float32 copy of a non-float32 model is held (the decoder's, so a bf16 backbone
+            is copied once for both); None: a private one.
     """
 
-    def __init__(self, catalog, mask: str = "before", num_negatives: int = 99, seed: int = 0, chunk_size: int = 32):
+    def __init__(self, catalog, mask: str = "before", num_negatives: int = 99, seed: int = 0, chunk_size: int = 32,
+                 copies: ModelCopies | None = None):
         if mask not in MASK_MODES:
             raise ValueError(f"scoring: mask must be one of {MASK_MODES}, got {mask!r}")
         if int(num_negatives) < 0 or int(chunk_size) < 1:
@@ -87,6 +95,7 @@ class TargetScorer:
         self.num_negatives = int(num_negatives)
         self.seed = int(seed)
         self.chunk_size = int(chunk_size)
+        self.copies = copies if copies is not None else ModelCopies()
 
     @classmethod
     def for_decoder(cls, decoder, catalog, scoring: Mapping | None = None) -> TargetScorer | None:
@@ -96,12 +105,13 @@ class TargetScorer:
         if not scoring.pop("target_logp", True) or not getattr(decoder, "needs_model", False):
             return None
         mask = getattr(decoder, "mask", None)
-        return None if mask is None else cls(catalog, mask=mask, **scoring)
+        return None if mask is None else cls(catalog, mask=mask, copies=getattr(decoder, "copies", None), **scoring)
 
     # ------------------------------------------------------------------ target
     @torch.no_grad()
     def target_logps(self, model, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
-        """(B,) float32 log-probability of each row's target response, by teacher forcing."""
+        """(B,) float32 log-probability of each row's target response, by teacher forcing, with ``model``
+        as given (:meth:`score` hands it a float32 model with autocast off)."""
         missing = [k for k in ("input_ids", "attention_mask", "labels") if k not in batch]
         if missing:
             raise ValueError(f"target_logp needs the batch's prompt+response fields; missing {missing} "
@@ -132,7 +142,8 @@ class TargetScorer:
 
     @torch.no_grad()
     def candidate_logps(self, model, prompt_ids: torch.Tensor, seqs: list[int]) -> torch.Tensor:
-        """(len(seqs),) float32 log-probability of each catalog sequence after one unpadded prompt."""
+        """(len(seqs),) float32 log-probability of each catalog sequence after one unpadded prompt
+        (``model`` as given, as in :meth:`target_logps`)."""
         body, weight = backbone_body(model), output_weight(model)
         device = prompt_ids.device
         tp = prompt_ids.shape[0]
@@ -170,8 +181,12 @@ class TargetScorer:
     @torch.no_grad()
     def score(self, model, batch: Mapping[str, torch.Tensor]) -> list[dict]:
         """Per row of ``batch``: ``{"target_logp": float}`` plus ``"sampled_rank"`` and
-        ``"sampled_negatives"`` when ``num_negatives > 0``."""
+        ``"sampled_negatives"`` when ``num_negatives > 0``; computed in float32 (module docstring)."""
         device = next(model.parameters()).device
+        with autocast_off(device):
+            return self._score(self.copies.get(model, torch.float32), batch, device)
+
+    def _score(self, model, batch: Mapping[str, torch.Tensor], device: torch.device) -> list[dict]:
         batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
         target_logp = self.target_logps(model, batch).tolist()
         rows = [{"target_logp": float(x)} for x in target_logp]

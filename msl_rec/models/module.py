@@ -50,11 +50,12 @@ def _plain(cfg: Any) -> Any:
 
 
 def build_loss(loss_cfg: Mapping[str, Any]):
-    """Instantiate a loss from its config (``_target_`` + the loss's own arguments)."""
-    from hydra.utils import get_class
+    """Instantiate a loss from its config (``_target_`` + the loss's own arguments); the class comes
+    from msl-rec's own registry (:data:`~msl_rec.utils.registry.LOSSES`), never from an import path."""
+    from msl_rec.utils.registry import loss_class
 
     cfg = dict(loss_cfg)
-    cls = get_class(cfg.pop("_target_"))
+    cls = loss_class(cfg.pop("_target_", None))
     try:
         return cls(**cfg)
     except TypeError as e:
@@ -105,8 +106,12 @@ class RecLitModule(L.LightningModule):
     @classmethod
     def load_from_checkpoint(cls, checkpoint_path, map_location: Any = "cpu", **kwargs) -> RecLitModule:
         """Lightning's loader with ``weights_only=True``; errors name the file."""
+        from msl_rec.utils.registry import check_targets
+
         path = Path(checkpoint_path)
-        ckpt_state.read_checkpoint(path)  # small (adapter only): named errors for a bad or unsafe file
+        ckpt = ckpt_state.read_checkpoint(path)  # small (adapter only): named errors for a bad or unsafe file
+        # the classes its hyper_parameters name come from msl-rec's allowlist, checked before any is built
+        check_targets(ckpt.get("hyper_parameters") or {}, source=f"checkpoint {path} (hyper_parameters)")
         kwargs.setdefault("weights_only", True)
         try:
             return super().load_from_checkpoint(path, map_location=map_location, **kwargs)
@@ -118,8 +123,9 @@ class RecLitModule(L.LightningModule):
         if self.model is not None:
             return
         sft = self.hparams.get("sft_ckpt")
-        merge = ckpt_state.sft_adapter(sft) if sft else None
-        self.model = build_backbone(self.hparams.backbone, merge_adapter=merge)
+        # an LML run's adapter, of this backbone and LoRA rank: checked before anything is merged
+        merge = ckpt_state.sft_adapter(sft, self.hparams.backbone) if sft else None
+        self.model = build_backbone(self.hparams.backbone, merge_adapter=merge, merge_source=f"SFT checkpoint {sft}")
         if sft:
             log.info("merged the SFT adapter of %s (%d LoRA tensors) into the base model "
                      "(reference = adapter disabled)", sft, len(merge))
@@ -136,7 +142,7 @@ class RecLitModule(L.LightningModule):
             return None
         build_decoder, _ = dec
         self.decoder = build_decoder(self.hparams.decoder, dm.catalog,
-                                     train_targets=getattr(dm, "train_targets", None))
+                                     train_targets=getattr(dm, "train_targets", None), top_k=self.hparams.top_k)
         return self.decoder
 
     # ------------------------------------------------------------------ checkpoints
@@ -252,7 +258,8 @@ class RecLitModule(L.LightningModule):
         for k, v in (metrics or {}).items():
             if k == "loss":  # logged above
                 continue
-            self.log(f"train/{k}", float(v), on_step=True, on_epoch=False, batch_size=bs)
+            # the temperature in use beside the loss in the terminal's progress bar (ATS moves it)
+            self.log(f"train/{k}", float(v), on_step=True, on_epoch=False, batch_size=bs, prog_bar=k == "tau")
         return loss
 
     def on_before_optimizer_step(self, optimizer) -> None:
@@ -273,7 +280,7 @@ class RecLitModule(L.LightningModule):
                 self._decoding_copy = DecodingCopy(lambda: build_backbone(self.hparams.backbone))
             self._decoding_copy.refresh(self.trainer.strategy.model, self.model)
 
-    def validation_step(self, batch: Mapping[str, torch.Tensor], batch_idx: int) -> None:
+    def validation_step(self, batch: Mapping[str, torch.Tensor], batch_idx: int) -> list[dict] | None:
         bs = int(batch["input_ids"].shape[0]) if "input_ids" in batch else int(batch["target_ids"].shape[0])
         decoder = self._build_decoder()
         if decoder is None:
@@ -282,11 +289,15 @@ class RecLitModule(L.LightningModule):
             self.log("val/loss", loss, on_epoch=True, sync_dist=True, batch_size=bs)
             return
         from msl_rec.decoding.evaluate import real_rows, summarize
+        from msl_rec.utils.precision import autocast_off
 
         _, evaluate = _decoding()
         dm = self.trainer.datamodule
         model = self._decoding_copy.model if self._decoding_copy is not None else self.model
-        result = evaluate(decoder, model, [batch], dm.catalog, top_k=tuple(self.hparams.top_k))
+        # metrics in the decoder's dtype (float32 by default), not in bf16-mixed's autocast: the same
+        # numbers on every machine (utils/precision.py); training keeps its autocast
+        with autocast_off(self.device):
+            result = evaluate(decoder, model, [batch], dm.catalog, top_k=tuple(self.hparams.top_k))
         # exact means over unique users: DDP's DistributedSampler pads with duplicate rows, dropped here
         loader = self.trainer.val_dataloaders
         loader = loader[0] if isinstance(loader, (list, tuple)) else loader  # one validation loader
@@ -296,6 +307,7 @@ class RecLitModule(L.LightningModule):
             # Lightning's epoch value is sum(value * batch_size) / sum(batch_size) over batches and ranks
             self.log(f"val/{k}", float(v), on_epoch=True, sync_dist=True, batch_size=len(keep),
                      prog_bar=k.endswith("@10"))
+        return keep  # the prediction rows, for callbacks (on_validation_batch_end's outputs: dashboards)
 
     def on_train_end(self) -> None:
         # each rank writes its loss state, so a DDP run can be checked for desync (tests do)
@@ -309,11 +321,10 @@ class RecLitModule(L.LightningModule):
     def configure_optimizers(self):
         o = dict(self.hparams.optim or {})
         opt = build_optimizer((p for p in self.parameters() if p.requires_grad), o)
-        total = None
-        if o.get("schedule", "linear") == "linear":
-            try:
-                total = int(self.trainer.estimated_stepping_batches)
-            except (RuntimeError, OverflowError):  # no trainer attached (plain use), or an infinite loader
-                total = None
+        # every schedule needs the run's length: linear decays over it, and a warm-up as long caps to it
+        try:
+            total = int(self.trainer.estimated_stepping_batches)
+        except (RuntimeError, OverflowError):  # no trainer attached (plain use), or an infinite loader
+            total = None
         sched = build_lr_schedule(opt, o, total)
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}

@@ -18,7 +18,8 @@ class BestMetricsWriter(L.Callback):
     """Write ``metrics.json`` for the validation epoch with the best ``monitor`` (the selection metric).
 
     Values are the epoch-level, rank-synced ``val/*`` metrics and the monitor, ``val/`` keys without the ``val/`` prefix
-    (``ndcg@5``, ``hr@10`` ...), plus ``epoch``, ``step`` and ``monitor``; when the fit ends,
+    (``ndcg@5``, ``hr@10`` ...), plus ``epoch``, ``step`` and ``monitor``, and ``decode_dtype`` (the
+    validation decoder's ``compute_dtype``, e.g. ``"float32"``, when it has one); when the fit ends,
     ``best_ckpt`` (the monitored ``ModelCheckpoint``'s file, relative to ``dirpath``) is added. The
     monitored ``ModelCheckpoint`` must use the same ``monitor`` and ``mode`` (both interpolate
     ``monitor`` in configs/train.yaml), so the file and the kept checkpoint are the same epoch.
@@ -33,6 +34,7 @@ class BestMetricsWriter(L.Callback):
         self.monitor, self.mode = monitor, mode
         self.best = -math.inf if mode == "max" else math.inf
         self.best_metrics: dict[str, float] = {}  # full keys (val/ndcg@10 ...), epoch, step
+        self.decode_dtype: str | None = None  # the dtype the best epoch's validation decoded in
 
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         for cb in trainer.checkpoint_callbacks:
@@ -50,6 +52,7 @@ class BestMetricsWriter(L.Callback):
         self.best_metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("val/")}
         self.best_metrics[self.monitor] = value
         self.best_metrics.update(epoch=trainer.current_epoch, step=trainer.global_step)
+        self.decode_dtype = getattr(getattr(pl_module, "decoder", None), "compute_dtype", None)
         if trainer.is_global_zero:
             self._write()
 
@@ -62,6 +65,8 @@ class BestMetricsWriter(L.Callback):
     def _write(self, best_ckpt: str | None = None) -> None:
         out: dict[str, Any] = {k.removeprefix("val/"): v for k, v in self.best_metrics.items()}
         out["monitor"] = {"metric": self.monitor, "mode": self.mode}
+        if self.decode_dtype:
+            out["decode_dtype"] = self.decode_dtype
         if best_ckpt:
             p = Path(best_ckpt).resolve()
             root = self.dirpath.resolve()
@@ -72,11 +77,12 @@ class BestMetricsWriter(L.Callback):
         os.replace(tmp, self.path)
 
     def state_dict(self) -> dict:
-        return {"best": self.best, "best_metrics": dict(self.best_metrics)}
+        return {"best": self.best, "best_metrics": dict(self.best_metrics), "decode_dtype": self.decode_dtype}
 
     def load_state_dict(self, state_dict: dict) -> None:
         self.best = state_dict.get("best", self.best)
         self.best_metrics = dict(state_dict.get("best_metrics", self.best_metrics))
+        self.decode_dtype = state_dict.get("decode_dtype", self.decode_dtype)
 
 
 class NonFiniteGuard(L.Callback):

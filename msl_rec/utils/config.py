@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Mapping
 from datetime import datetime
 from pathlib import Path
@@ -11,6 +12,19 @@ from omegaconf import OmegaConf
 
 PROJECT_ROOT = Path(os.environ.get("MSL_REC_ROOT", Path(__file__).resolve().parents[2]))
 CONFIG_DIR = str(PROJECT_ROOT / "configs")
+# a run id is one folder name: letters, digits, '.', '_', '-'; no path separator, no '..', no leading '.'
+RUN_ID_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,199}")
+
+
+def checked_run_id(value: str, variable: str) -> str:
+    """``value`` if it is a safe single folder name (:data:`RUN_ID_PATTERN`, no ``..``); else a
+    ``ValueError`` naming the environment ``variable`` it came from (``MSL_REC_RUN_ID=../../x`` would
+    otherwise put the run folder outside ``outputs/``)."""
+    if not RUN_ID_PATTERN.fullmatch(value) or ".." in value:
+        raise ValueError(f"{variable}={value!r} is not a valid run id: use one folder name of letters, digits, "
+                         "'.', '_' and '-' (no '/', no '..', at most 200 characters), e.g. MSL_REC_RUN_ID=lr_1e-4_a; "
+                         "to write elsewhere set hydra.run.dir=<dir>")
+    return value
 
 
 def run_id(env: Mapping[str, str] | None = None, now: datetime | None = None) -> str:
@@ -28,16 +42,20 @@ def run_id(env: Mapping[str, str] | None = None, now: datetime | None = None) ->
       ``hydra.run.dir``): the time with microseconds, so runs never collide.
 
     A multi-process job with no shared id (``torchrun`` on many nodes without ``--rdzv-id``) is an
-    error: the ranks would write to different folders.
+    error: the ranks would write to different folders. An id from the environment that is not one
+    safe folder name (``MSL_REC_RUN_ID=../../x``) is an error naming the variable
+    (:func:`checked_run_id`).
     """
     env = os.environ if env is None else env
     if env.get("MSL_REC_RUN_ID"):
-        return env["MSL_REC_RUN_ID"]
+        return checked_run_id(env["MSL_REC_RUN_ID"], "MSL_REC_RUN_ID")
     slurm_tasks = int(env.get("SLURM_STEP_NUM_TASKS") or env.get("SLURM_NTASKS") or 1)
     if env.get("SLURM_JOB_ID") and env.get("SLURM_STEP_ID") is not None and slurm_tasks > 1:
+        checked_run_id(env["SLURM_JOB_ID"], "SLURM_JOB_ID")
+        checked_run_id(env["SLURM_STEP_ID"], "SLURM_STEP_ID")
         return f"slurm-{env['SLURM_JOB_ID']}.{env['SLURM_STEP_ID']}"
     if env.get("TORCHELASTIC_RUN_ID") not in (None, "", "none"):
-        return f"torchrun-{env['TORCHELASTIC_RUN_ID']}"
+        return f"torchrun-{checked_run_id(env['TORCHELASTIC_RUN_ID'], 'TORCHELASTIC_RUN_ID (torchrun --rdzv-id)')}"
     if int(env.get("WORLD_SIZE") or 1) > 1 and "RANK" in env:
         raise ValueError(
             f"rank {env['RANK']} of {env['WORLD_SIZE']} started by an outside launcher with no job id the "

@@ -1,19 +1,32 @@
-"""Which floating-point type this machine computes fastest in: one check shared by training and decoding."""
+"""Floating-point types: the fast one for training, and the fixed one metrics are computed in.
+
+Training may run in bf16 where the device computes it natively (:func:`auto_dtype`, used by
+``trainer.precision=null``). Evaluation does not follow the machine: decoding and scoring run in
+float32 unless a config asks for bfloat16 by name (``decoder.dtype=bfloat16``), so a metric or a
+ranking never depends on which CPU or GPU computed it. :func:`autocast_off` keeps an active autocast
+(Lightning's ``bf16-mixed`` wraps validation in one) from turning those float32 matmuls into bf16
+ones, and :class:`ModelCopies` holds the model in the dtype asked for.
+"""
 
 from __future__ import annotations
 
+import contextlib
+import copy
 import functools
 
 import torch
 
+EVAL_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+
 
 @functools.cache
 def cpu_supports_bf16() -> bool:
-    """Whether this CPU runs bf16 matmuls natively (AVX512-BF16 / AMX; e.g. AMD Zen 4, Intel SPR).
+    """Whether oneDNN runs bf16 matmuls on this CPU with its bf16 kernels (x86: AVX-512 core and up,
+    which AVX512-BF16 / AMX CPUs such as AMD Zen 4 and Intel SPR have).
 
-    The check oneDNN itself uses (``torch.ops.mkldnn._is_mkldnn_bf16_supported``). Without native
-    support (e.g. an AVX2-only CPU) torch emulates bf16 and a SmolLM2 matmul runs ~50x slower than
-    in fp32, so the automatic choice must not pick bf16 there.
+    The check oneDNN itself uses (``torch.ops.mkldnn._is_mkldnn_bf16_supported``). Without it
+    (e.g. an AVX2-only CPU) torch emulates bf16 and a SmolLM2 matmul runs ~50x slower than in fp32,
+    so training's automatic choice must not pick bf16 there.
     """
     try:
         return bool(torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported())
@@ -22,10 +35,71 @@ def cpu_supports_bf16() -> bool:
 
 
 def auto_dtype(device: torch.device | str) -> torch.dtype:
-    """bf16 on a GPU that supports it or on a CPU with native bf16, else fp32."""
+    """Training's automatic choice: bf16 on a GPU that supports it or on a CPU with native bf16, else
+    fp32. Never used for evaluation (see the module docstring)."""
     device = torch.device(device)
     if device.type == "cuda":
         return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float32
     if device.type == "cpu":
         return torch.bfloat16 if cpu_supports_bf16() else torch.float32
     return torch.float32
+
+
+def eval_dtype(name: str, key: str = "decoder.dtype") -> torch.dtype:
+    """The torch dtype an evaluation config names (``float32`` or ``bfloat16``); anything else,
+    ``auto`` included, is an error naming ``key``."""
+    if name == "auto":
+        raise ValueError(f"{key}=auto is no longer accepted: it meant bf16 on machines with native bf16 and "
+                         "float32 elsewhere, so metrics depended on the machine. Set "
+                         f"{key}=float32 (the default: the same numbers everywhere) or {key}=bfloat16 "
+                         "(faster where bf16 is native, rankings may differ slightly)")
+    if name not in EVAL_DTYPES:
+        raise ValueError(f"{key} must be one of {sorted(EVAL_DTYPES)}, got {name!r}")
+    return EVAL_DTYPES[name]
+
+
+def autocast_off(device: torch.device | str):
+    """A context in which an enclosing ``torch.autocast`` on ``device``'s type is disabled, so tensors
+    are computed in their own dtype (float32 weights -> float32 matmuls)."""
+    device_type = torch.device(device).type
+    if device_type not in ("cpu", "cuda", "xpu", "mps", "hpu"):
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device_type, enabled=False)
+
+
+def weights_version(model: torch.nn.Module) -> tuple:
+    """Changes whenever the model's function may have changed: a parameter replaced or updated in
+    place (optimiser step, ``load_state_dict``: torch bumps the tensor's version counter), a peft
+    adapter switched on/off, train/eval mode."""
+    adapters = tuple(bool(m.disable_adapters) for m in model.modules() if hasattr(m, "disable_adapters"))
+    return (id(model), model.training, adapters, tuple((id(p), p._version) for p in model.parameters()))
+
+
+class ModelCopies:
+    """The model in a given dtype: the model itself when its weights already are, else a frozen copy
+    with any LoRA adapter merged, rebuilt when the weights change (:func:`weights_version`). The
+    training model is never cast in place. One copy per dtype is kept; a decoder and its target
+    scorer share one instance, so a bf16 backbone decoded and scored in float32 is copied once."""
+
+    def __init__(self):
+        self._copies: dict[torch.dtype, tuple[tuple, torch.nn.Module]] = {}
+
+    def get(self, model: torch.nn.Module, dtype: torch.dtype, version: tuple | None = None) -> torch.nn.Module:
+        if next(model.parameters()).dtype == dtype:
+            return model
+        version = weights_version(model) if version is None else version
+        held = self._copies.get(dtype)
+        if held is None or held[0] != version:
+            self._copies.pop(dtype, None)  # free the old copy first
+            frozen = copy.deepcopy(model)
+            if dtype == torch.float32:  # up-casting is exact: cast first, so the merge runs in float32
+                frozen = frozen.to(dtype)
+            if hasattr(frozen, "merge_and_unload"):  # down-casting: merged in float32, then one rounding
+                frozen = frozen.merge_and_unload()
+            self._copies[dtype] = (version, frozen.to(dtype).eval())
+        return self._copies[dtype][1]
+
+    def held(self, dtype: torch.dtype) -> torch.nn.Module | None:
+        """The copy currently held in ``dtype`` (None if none): for tests and memory checks."""
+        held = self._copies.get(dtype)
+        return None if held is None else held[1]

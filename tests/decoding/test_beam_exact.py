@@ -41,8 +41,10 @@ def test_masked_lp0_is_top_k_by_log_p_valid(tiny_model, tokenizer, catalog, make
 
 
 def hf_reference(model, catalog, batch, num_beams, length_penalty, renormalize, max_new_tokens=32,
-                 early_stopping=False):
-    """Run transformers' constrained beam search; per user, the real (sequence, score) pairs."""
+                 early_stopping=False, pad_token_id=0):
+    """Run transformers' constrained beam search; per user, the real (sequence, score) pairs.
+
+    ``batch``: left-padded ``prompt_input_ids`` / ``prompt_attention_mask`` (the data module's layout)."""
     width = batch["prompt_input_ids"].shape[1]
 
     def allowed(batch_id, sent):
@@ -52,7 +54,7 @@ def hf_reference(model, catalog, batch, num_beams, length_penalty, renormalize, 
     out = model.generate(input_ids=batch["prompt_input_ids"], attention_mask=batch["prompt_attention_mask"],
                          num_beams=num_beams, num_return_sequences=num_beams, do_sample=False,
                          prefix_allowed_tokens_fn=allowed, max_new_tokens=max_new_tokens,
-                         eos_token_id=catalog.eos_id, pad_token_id=0, length_penalty=length_penalty,
+                         eos_token_id=catalog.eos_id, pad_token_id=pad_token_id, length_penalty=length_penalty,
                          renormalize_logits=renormalize, early_stopping=early_stopping,
                          output_scores=True, return_dict_in_generate=True)
     seqs, scores = out.sequences[:, width:].tolist(), out.sequences_scores.tolist()

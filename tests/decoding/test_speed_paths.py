@@ -72,7 +72,8 @@ def test_bf16_decoding_leaves_the_model_fp32_and_agrees_with_fp32(tiny_model, ca
     dec = ConstrainedBeamSearch(catalog, num_beams=5, top_k=[1, 5], dtype="bfloat16")
     bf16 = dec.rank(tiny_model, batch)
     assert all(p.dtype == torch.float32 for p in tiny_model.parameters())
-    assert next(dec._cast[1].parameters()).dtype == torch.bfloat16
+    assert next(dec.copies.held(torch.bfloat16).parameters()).dtype == torch.bfloat16
+    assert dec.compute_dtype == "bfloat16"
     for a, b in zip(fp32, bf16):
         assert {s for s, _ in a} == {s for s, _ in b}
         assert a[0][0] == b[0][0]
@@ -80,12 +81,19 @@ def test_bf16_decoding_leaves_the_model_fp32_and_agrees_with_fp32(tiny_model, ca
     assert [sc for r in bf16 for _, sc in r] != [sc for r in fp32 for _, sc in r]  # bf16 really ran
 
 
-def test_decoder_configs_ask_for_auto_dtype_and_bad_dtype_is_refused(catalog):
+@pytest.mark.parametrize("name", ["cbs", "cbs_masked"])
+def test_decoder_configs_ask_for_float32_and_auto_or_bad_dtype_is_refused(catalog, name):
+    """Metrics are computed in float32 on every machine: the configs say so, the decoder reports it,
+    and ``auto`` (bf16 where native, so machine-dependent) is refused with a message naming the fix."""
     from omegaconf import OmegaConf
 
     from msl_rec.utils.config import CONFIG_DIR
 
-    dec = build_decoder(OmegaConf.load(f"{CONFIG_DIR}/decoder/cbs_masked.yaml"), catalog)
-    assert dec.dtype == "auto" and dec.share_preamble
+    cfg = OmegaConf.load(f"{CONFIG_DIR}/decoder/{name}.yaml")
+    dec = build_decoder(cfg, catalog)
+    assert cfg.dtype == "float32" and dec.compute_dtype == "float32" and dec.share_preamble
+    assert build_decoder({**OmegaConf.to_container(cfg), "dtype": "bfloat16"}, catalog).compute_dtype == "bfloat16"
+    with pytest.raises(ValueError, match=r"decoder.dtype=auto .*decoder.dtype=float32.*decoder.dtype=bfloat16"):
+        ConstrainedBeamSearch(catalog, dtype="auto")
     with pytest.raises(ValueError, match="decoder.dtype"):
         ConstrainedBeamSearch(catalog, dtype="float16")

@@ -1,0 +1,114 @@
+"""The classes a config may name: msl-rec's allowlist for ``_target_`` and class paths.
+
+A run folder's ``.hydra/config.yaml`` (``resume=``, ``run_dir=``) and a checkpoint's
+``hyper_parameters`` are files, and a file is data: the classes named in them are looked up here and
+nowhere else. ``hydra.utils.instantiate`` would import and call any importable name with any
+arguments (``_target_: os.system``), so every config is checked with :func:`check_targets` before
+anything in it is built, and losses are built from :data:`LOSSES` by name.
+
+To add a component (a loss, a callback, a logger, a strategy), add its import path here: one line.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+LOSSES = {
+    "msl_rec.losses.LMLLoss": "lml",
+    "msl_rec.losses.MSLLoss": "msl",
+    "msl_rec.losses.MSLATSLoss": "msl_ats",
+    "msl_rec.losses.SDPOLoss": "sdpo",
+}
+"""Loss ``_target_`` -> its ``configs/loss`` name."""
+
+ALLOWED_TARGETS = frozenset({
+    *LOSSES,
+    # Lightning: the trainer, its callbacks, loggers and strategies
+    "lightning.pytorch.trainer.Trainer",
+    "lightning.pytorch.Trainer",
+    "lightning.pytorch.callbacks.ModelCheckpoint",
+    "lightning.pytorch.callbacks.RichModelSummary",
+    "lightning.pytorch.callbacks.ModelSummary",
+    "lightning.pytorch.callbacks.LearningRateMonitor",
+    "lightning.pytorch.callbacks.EarlyStopping",
+    "lightning.pytorch.loggers.csv_logs.CSVLogger",
+    "lightning.pytorch.loggers.CSVLogger",
+    "lightning.pytorch.loggers.wandb.WandbLogger",
+    "lightning.pytorch.loggers.WandbLogger",
+    "lightning.pytorch.strategies.DDPStrategy",
+    "lightning.pytorch.strategies.FSDPStrategy",
+    "torch.distributed.fsdp.MixedPrecision",
+    "hydra.utils.get_object",
+    # msl-rec's own components
+    "msl_rec.models.fsdp_utils.AdapterFSDPStrategy",
+    "msl_rec.models.fsdp_utils.CPUFSDPStrategy",
+    "msl_rec.utils.callbacks.BestMetricsWriter",
+    "msl_rec.utils.callbacks.MidEpochResume",
+    "msl_rec.utils.callbacks.NonFiniteGuard",
+    "msl_rec.utils.dashboard.WandbDashboard",
+    "experiments.probes.LogitProbe",
+})
+"""Every ``_target_`` a msl-rec config may name."""
+
+ALLOWED_OBJECTS = frozenset({
+    "torch.bfloat16", "torch.float16", "torch.float32",
+    "transformers.models.llama.modeling_llama.LlamaDecoderLayer",
+})
+"""Objects a config may name by path: ``hydra.utils.get_object``'s ``path`` and FSDP's
+``auto_wrap_policy`` entries."""
+
+PATH_KEYS = ("auto_wrap_policy",)
+
+
+class ConfigSecurityError(ValueError):
+    """A config (or a file's config) names a class or object outside the allowlist."""
+
+
+def _plain(cfg: Any) -> Any:
+    from omegaconf import DictConfig, ListConfig, OmegaConf
+
+    if isinstance(cfg, (DictConfig, ListConfig)):
+        return OmegaConf.to_container(cfg, resolve=False)
+    return cfg
+
+
+def _refuse(key: str, name: Any, source: str, allowed: frozenset) -> None:
+    raise ConfigSecurityError(
+        f"{source}: {key}={name!r} is not a msl-rec component; nothing in that config was built or run. "
+        f"A config may name only the classes in msl_rec/utils/registry.py (e.g. {sorted(allowed)[:4]} ...); "
+        "if this is your own trusted class, add its import path there.")
+
+
+def check_targets(cfg: Any, source: str, prefix: str = "") -> None:
+    """Raise :class:`ConfigSecurityError` naming ``source`` and the key when ``cfg`` (a mapping or
+    list, nested) names a ``_target_`` not in :data:`ALLOWED_TARGETS`, a ``get_object`` path or an
+    ``auto_wrap_policy`` entry not in :data:`ALLOWED_OBJECTS`. Nothing is imported."""
+    cfg = _plain(cfg)
+    if isinstance(cfg, Mapping):
+        target = cfg.get("_target_")
+        if target is not None:
+            if not isinstance(target, str) or target not in ALLOWED_TARGETS:
+                _refuse(f"{prefix}_target_", target, source, ALLOWED_TARGETS)
+            if target == "hydra.utils.get_object" and cfg.get("path") not in ALLOWED_OBJECTS:
+                _refuse(f"{prefix}path", cfg.get("path"), source, ALLOWED_OBJECTS)
+        for key, value in cfg.items():
+            if key in PATH_KEYS and isinstance(value, Sequence) and not isinstance(value, str):
+                for i, item in enumerate(value):
+                    if item not in ALLOWED_OBJECTS:
+                        _refuse(f"{prefix}{key}[{i}]", item, source, ALLOWED_OBJECTS)
+            elif isinstance(value, (Mapping, list, tuple)):
+                check_targets(value, source, f"{prefix}{key}.")
+    elif isinstance(cfg, (list, tuple)):
+        for i, item in enumerate(cfg):
+            check_targets(item, source, f"{prefix}[{i}].")
+
+
+def loss_class(target: Any, source: str = "loss config") -> type:
+    """The loss class a ``loss._target_`` names, from :data:`LOSSES` only."""
+    if target not in LOSSES:
+        raise ConfigSecurityError(f"{source}: loss._target_={target!r} is not a msl-rec loss; choose one of "
+                                  f"{sorted(LOSSES)} (configs/loss: {', '.join(LOSSES.values())})")
+    from msl_rec import losses
+
+    return getattr(losses, target.rsplit(".", 1)[1])
