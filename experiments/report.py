@@ -31,7 +31,8 @@ Writes into ``--out`` (default: the first folder given):
   difference, bootstrap 95% interval over users and seeds, sign-flip p-value, minimum detectable
   effect; see :mod:`msl_rec.significance`); and Table-6/Fig-6-style NDCG@10 against tau when runs
   differ in tau;
-- ``ndcg_vs_tau.png`` (Fig. 6), ``training_curves.png`` (loss and ATS tau over steps),
+- ``ndcg_vs_tau.png`` (Fig. 6), ``training_curves.png`` (loss and ATS tau over steps; from the CSV
+  logger's ``metrics.csv``, or from the wandb run files of a ``logger=wandb`` run: :func:`load_curves`),
   ``w_distribution.png`` (Fig. 5: ``w = 1 - P(y)`` (LML's weight) and ``w = 1 - P_valid(y)`` (MSL's)
   per response position, sorted descending, one pair of curves per evaluated model; from the
   ``w_values.npz`` of ``msl-rec-eval save_w=true``).
@@ -44,7 +45,9 @@ import csv
 import hashlib
 import json
 import math
+import struct
 import sys
+import zlib
 from collections import defaultdict
 from pathlib import Path
 
@@ -57,6 +60,8 @@ PAIRED = ["ndcg@10", "hr@10", "target_logp"]  # the per-user values compared wit
 BASE = "LML"
 MODEL_FREE = ("popularity", "random")  # baselines without a model: the same on every backbone and decoder
 FAILED = "failed.json"  # a failed job's {"error", "type", "overrides"}: msl_rec.utils.task.write_failure
+# a logger=wandb run's files: <run>/wandb/offline-run-<time>-<id>/run-<id>.wandb (online: run-<time>-<id>/)
+WANDB_RUN_FILES = "wandb/*run-*/run-*.wandb"
 
 
 def read_run_file(path: Path, run: Path) -> dict:
@@ -165,10 +170,7 @@ def load_run(run: Path) -> dict:
     elif "split" in own and not own.get("ckpt_path"):  # an eval of no trained model
         decoder = (own.get("decoder") or {}).get("name", "decoder")
         label = decoder if decoder in MODEL_FREE else f"zero-shot ({decoder})"
-    steps = []
-    for path in sorted(source.rglob("metrics.csv")):
-        with open(path) as f:
-            steps.extend(csv.DictReader(f))
+    steps = load_curves(source)
     predictions = run / "predictions.jsonl" if (run / "predictions.jsonl").is_file() else None
     rows = user_rows({"predictions": predictions}) if predictions else None
     model_free = label in MODEL_FREE
@@ -192,6 +194,93 @@ def load_run(run: Path) -> dict:
         "split": own.get("split", "valid"),  # a training run's metrics are on its validation users
         "users": user_set(run, own, rows),
     }
+
+
+def load_curves(run: Path) -> list[dict[str, str]]:
+    """A training run's per-step log: one row per logged step, ``{"step": "3", "train/loss_step": "4.2",
+    "train/tau": "1.5", ...}`` (strings, as ``csv.DictReader`` gives them).
+
+    From the CSV logger's ``metrics.csv`` files under ``run`` (every ``version_<n>`` of a resumed run); a
+    run without one (``logger=wandb``) from its wandb run files (:data:`WANDB_RUN_FILES`, in time order:
+    a resumed run has one per process), whose history rows are keyed ``trainer/global_step`` (else
+    ``_step``). No log: ``[]``.
+    """
+    steps: list[dict[str, str]] = []
+    for path in sorted(run.rglob("metrics.csv")):
+        with open(path) as f:
+            steps.extend(csv.DictReader(f))
+    if steps:
+        return steps
+    for path in sorted(run.glob(WANDB_RUN_FILES)):
+        for row in wandb_history(path):
+            step = row.get("trainer/global_step", row.get("_step"))
+            if step is not None:
+                steps.append({**row, "step": str(int(float(step)))})
+    return steps
+
+
+# wandb writes its run file (``.wandb``) in LevelDB's log format: a 7-byte file header, then records of
+# <crc32: uint32, length: uint16, type: uint8, data> in 32 KiB blocks (a block's tail shorter than a
+# record header is zero padding); a protobuf ``Record`` is one FULL record or FIRST, MIDDLE..., LAST.
+# wandb >= 0.19 reads it only in its Go core, so the reader is here (wandb's own protobuf messages).
+_LOG_BLOCK, _LOG_HEADER = 32768, 7
+_FULL, _FIRST, _MIDDLE, _LAST = 1, 2, 3, 4
+_WANDB_FILE_HEADER = struct.pack("<4sHB", b":W&B", 0xBEE1, 0)
+
+
+def wandb_records(path: Path) -> list[bytes]:
+    """The serialized ``Record`` messages of a wandb run file, in order. A record cut off at the end (a
+    killed run) is dropped; a wrong header or checksum is an error naming the file and byte offset."""
+    data = Path(path).read_bytes()
+    if data[:_LOG_HEADER] != _WANDB_FILE_HEADER:
+        raise ValueError(f"{path}: not a wandb run file (its first bytes are {data[:_LOG_HEADER]!r})")
+    records, pending, pos = [], None, _LOG_HEADER
+    while pos + _LOG_HEADER <= len(data):
+        left = _LOG_BLOCK - pos % _LOG_BLOCK
+        if left < _LOG_HEADER:  # padding to the next block
+            pos += left
+            continue
+        checksum, length, kind = struct.unpack("<IHB", data[pos:pos + _LOG_HEADER])
+        chunk = data[pos + _LOG_HEADER:pos + _LOG_HEADER + length]
+        if len(chunk) < length:
+            break  # cut off while being written
+        if kind == 0 and length == 0 and checksum == 0:  # zeroed tail of a block
+            pos += _LOG_HEADER
+            continue
+        if zlib.crc32(chunk, zlib.crc32(bytes([kind]))) != checksum:
+            raise ValueError(f"{path}: corrupt record at byte {pos} (checksum mismatch); the file was damaged, "
+                             "remove the run's wandb folder or restore it")
+        pos += _LOG_HEADER + length
+        if kind == _FULL:
+            records.append(chunk)
+        elif kind == _FIRST:
+            pending = chunk
+        elif kind in (_MIDDLE, _LAST) and pending is not None:
+            pending += chunk
+            if kind == _LAST:
+                records.append(pending)
+                pending = None
+    return records
+
+
+def wandb_history(path: Path) -> list[dict[str, str]]:
+    """The history rows (``wandb.log`` calls) of a wandb run file: ``{key: value}`` with values as text
+    (numbers as written, e.g. ``"4.86"``; non-numbers as their JSON)."""
+    from wandb.proto.wandb_internal_pb2 import Record
+
+    rows = []
+    for raw in wandb_records(path):
+        record = Record()
+        record.ParseFromString(raw)
+        if record.WhichOneof("record_type") != "history":
+            continue
+        row = {}
+        for item in record.history.item:
+            key = item.key or "/".join(item.nested_key)
+            value = json.loads(item.value_json) if item.value_json else None
+            row[key] = str(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else item.value_json
+        rows.append(row)
+    return rows
 
 
 def compact(ranges: list[tuple[int, int]]) -> list[tuple[int, int]]:

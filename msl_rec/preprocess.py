@@ -5,7 +5,8 @@
         meta_file=meta_Toys_and_Games.json.gz output_dir=data/toy
 
 A non-empty ``output_dir`` is refused unless ``overwrite=true`` (and even then if it holds files other
-than the four outputs, such as a ``train_sample.csv`` of the old data).
+than the four outputs, such as a ``train_sample.csv`` of the old data). Each step logs a line with its
+counts and time; ``--help`` lists this command's options (``hydra.help`` in configs/preprocess.yaml).
 """
 
 from __future__ import annotations
@@ -13,11 +14,13 @@ from __future__ import annotations
 import hydra
 from omegaconf import DictConfig
 
-from msl_rec.data.preprocess import preprocess
 from msl_rec.utils.config import CONFIG_DIR
 
 
 def run(cfg: DictConfig) -> dict[str, int]:
+    # imported here: msl_rec.data pulls in torch and Lightning, which `--help` does not need
+    from msl_rec.data.preprocess import preprocess
+
     counts = preprocess(cfg.reviews_file, cfg.meta_file, cfg.output_dir, k_core_min=cfg.k_core,
                         window=cfg.window, split=list(cfg.split), overwrite=cfg.overwrite)
     print(f"wrote {cfg.output_dir}: " + ", ".join(f"{k} {v:,}" for k, v in counts.items()))

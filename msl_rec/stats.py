@@ -71,10 +71,13 @@ def format_stats(stats: dict[str, float], name: str, backbone: str) -> str:
 def stats(cfg: DictConfig) -> dict[str, float]:
     from msl_rec.models.tokenizers import load_tokenizer
 
+    from msl_rec.data.io import dataset_file
+
+    item_file, train_file = dataset_file(cfg.dataset, "item_file"), dataset_file(cfg.dataset, "train_file")
     tokenizer = load_tokenizer(cfg.backbone.tokenizer)
-    catalog = ItemCatalog.from_file(cfg.dataset.item_file, tokenizer,
+    catalog = ItemCatalog.from_file(item_file, tokenizer,
                                     allow_empty_titles=cfg.dataset.get("allow_empty_titles", False))
-    samples = read_samples(cfg.dataset.train_file, catalog.titles)
+    samples = read_samples(train_file, catalog.titles)
     result = dataset_stats(samples, catalog)
     print(format_stats(result, cfg.dataset.name, cfg.backbone.name))
     if cfg.get("show_prompt"):

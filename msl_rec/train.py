@@ -134,8 +134,10 @@ def build_data(cfg: DictConfig, num_negatives: int = 0):
     """Tokenizer, item catalog and data module for ``cfg.dataset`` and ``cfg.backbone``."""
     from msl_rec.data.catalog import ItemCatalog
     from msl_rec.data.datamodule import RecDataModule
+    from msl_rec.data.io import dataset_file
     from msl_rec.models.tokenizers import load_tokenizer
 
+    dataset_file(cfg.dataset, "item_file")  # a dataset not built yet: an error naming the command that builds it
     tokenizer = load_tokenizer(cfg.backbone.tokenizer)
     catalog = ItemCatalog.from_file(cfg.dataset.item_file, tokenizer,
                                     allow_empty_titles=bool(cfg.dataset.get("allow_empty_titles", False)))

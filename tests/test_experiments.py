@@ -118,6 +118,7 @@ def test_report_tables_and_plots(tmp_path):
         assert (tmp_path / "out" / png).stat().st_size > 1000
 
 
+@pytest.mark.slow  # the same 2-trial sweep runs in-process in tests/test_sweeps.py, checked against its storage
 def test_optuna_tau_sweep_maximises_validation_ndcg(tmp_path, tiny_overrides, cli):
     sweep = tmp_path / "optuna"
     cli("msl_rec.train", "-m", "experiment=tau_optuna", *tiny_overrides, "debug=fdr",

@@ -27,7 +27,7 @@ negative row may exceed ``cutoff_len`` by the difference in response lengths.
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import lightning as L
@@ -37,7 +37,7 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset
 
 from msl_rec.data.catalog import ItemCatalog
 from msl_rec.data.errors import DataError
-from msl_rec.data.io import Sample, read_samples
+from msl_rec.data.io import Sample, dataset_file, read_samples
 from msl_rec.data.prompts import PromptBuilder
 
 IGNORE_INDEX = -100
@@ -269,10 +269,6 @@ def row_count(key: str, value) -> int | None:
     return int(number)
 
 
-def _get(cfg, key, default=None):
-    return cfg.get(key, default) if isinstance(cfg, Mapping) or hasattr(cfg, "get") else getattr(cfg, key, default)
-
-
 class RecDataModule(L.LightningDataModule):
     """Train/valid/test dataloaders over BIGRec CSVs.
 
@@ -335,7 +331,7 @@ class RecDataModule(L.LightningDataModule):
     def _load(self, split: str) -> RecDataset | None:
         if split in self.datasets:
             return self.datasets[split]
-        path = _get(self.cfg, f"{split}_file")
+        path = dataset_file(self.cfg, f"{split}_file")  # a missing file: an error saying how to build it
         if path is None:
             return None
         samples = read_samples(path, self.catalog.titles)

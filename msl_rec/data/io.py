@@ -14,6 +14,7 @@ import io
 from collections.abc import Container
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from msl_rec.data.errors import DataError
 
@@ -84,6 +85,27 @@ def _parse_item_ids(value: str | None, where: str) -> list[int]:
             f"{where}: field 'item_ids' has {len(ids)} id(s); need a history of at least one item plus the target"
         )
     return [check_int64(i, where, "item_ids") for i in ids]
+
+
+def dataset_file(dataset_cfg: Any, key: str) -> Path | None:
+    """``dataset.<key>`` (``item_file``, ``train_file`` ...) as a path, ``None`` when the key is null.
+
+    A file that does not exist is a :class:`DataError` naming the dataset, the key and the file and,
+    when the dataset config has a ``build`` command (datasets that are not shipped, e.g.
+    configs/dataset/toy.yaml), saying to run it; otherwise to point the key at an existing file.
+    """
+    value = dataset_cfg.get(key)
+    if value is None:
+        return None
+    path = Path(str(value))
+    if path.is_file():
+        return path
+    name = dataset_cfg.get("name") or "?"
+    build = dataset_cfg.get("build")
+    how = (f"The {name} dataset is not shipped; build it (its raw Amazon-2014 reviews and metadata files) with:\n"
+           f"    {build}\nor point dataset.root= at a folder that holds it." if build else
+           f"Point dataset.{key}= (or dataset.root=) at an existing file (configs/dataset/{name}.yaml).")
+    raise DataError(f"dataset={name}: dataset.{key}={path} does not exist. {how}")
 
 
 def read_samples(path: str | Path, known_items: Container[int] | None = None) -> list[Sample]:

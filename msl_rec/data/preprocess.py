@@ -24,6 +24,9 @@ Steps (as BIGRec's notebook):
    them into place only once all are written. A non-empty ``output_dir`` is refused unless
    ``overwrite``, and even then when it holds files other than those four (e.g. a ``train_sample.csv``
    drawn from an older ``train.csv``), which would no longer match the new data.
+
+Each step logs one line (logger ``msl_rec.data.preprocess``, INFO: the console of
+``msl-rec-preprocess``) with its counts and seconds, and each k-core round its survivors.
 """
 
 from __future__ import annotations
@@ -32,7 +35,9 @@ import ast
 import csv
 import gzip
 import json
+import logging
 import os
+import time
 import zlib
 from collections import Counter, defaultdict
 from collections.abc import Callable, Iterator, Sequence
@@ -41,6 +46,9 @@ from pathlib import Path
 from typing import TextIO
 
 from msl_rec.data.errors import DataError
+
+log = logging.getLogger(__name__)
+LINES_PER_PROGRESS_LOG = 1_000_000
 
 SPLITS = ("train", "valid", "test")
 OUTPUT_FILES = ("id2name4Rec.json", *(f"{name}.csv" for name in SPLITS))
@@ -75,6 +83,8 @@ def _lines(path: Path) -> Iterator[tuple[int, str]]:
                 if line.strip():
                     found = True
                     yield line_no, line
+                if line_no % LINES_PER_PROGRESS_LOG == 0:  # the big review files take minutes
+                    log.info("%s: %s lines read", path, f"{line_no:,}")
     except (OSError, EOFError, zlib.error) as e:
         if not gz:
             raise
@@ -136,11 +146,16 @@ def read_titles(path: str | Path) -> dict[str, str]:
 
 
 def k_core(interactions: list[tuple[str, str, int]], k: int) -> list[tuple[str, str, int]]:
-    """Repeatedly drop interactions of users and items with fewer than ``k`` until stable."""
+    """Repeatedly drop interactions of users and items with fewer than ``k`` until stable (one log line
+    per round: the interactions it kept, and the users and items it started from)."""
+    round_no = 0
     while True:
+        round_no += 1
         users = Counter(u for u, _, _ in interactions)
         items = Counter(i for _, i, _ in interactions)
         kept = [r for r in interactions if users[r[0]] >= k and items[r[1]] >= k]
+        log.info("%d-core round %d: %s of %s interactions kept (%s users, %s items before the round)", k, round_no,
+                 f"{len(kept):,}", f"{len(interactions):,}", f"{len(users):,}", f"{len(items):,}")
         if len(kept) == len(interactions):
             return kept
         interactions = kept
@@ -257,9 +272,18 @@ def preprocess(reviews_file: str | Path, meta_file: str | Path, output_dir: str 
     if window < 2:
         raise ValueError(f"window must be >= 2 (got {window})")
     check_output_dir(output_dir, overwrite)  # before the minutes of reading, not after
+    t0 = time.perf_counter()
     titles = read_titles(meta_file)
-    reviews = [r for r in read_reviews(reviews_file) if r[1] in titles]
+    log.info("read metadata %s: %s items with a title (%.1f s)", meta_file, f"{len(titles):,}", time.perf_counter() - t0)
+    t0 = time.perf_counter()
+    all_reviews = read_reviews(reviews_file)
+    reviews = [r for r in all_reviews if r[1] in titles]
+    log.info("read reviews %s: %s reviews, %s of items with a title (%.1f s)", reviews_file,
+             f"{len(all_reviews):,}", f"{len(reviews):,}", time.perf_counter() - t0)
+    del all_reviews
+    t0 = time.perf_counter()
     reviews = k_core(reviews, k_core_min)
+    log.info("%d-core: %s interactions left (%.1f s)", k_core_min, f"{len(reviews):,}", time.perf_counter() - t0)
     if not reviews:
         raise DataError(f"{reviews_file}: no interactions left after the title and {k_core_min}-core filters")
     asins = sorted({a for _, a, _ in reviews})
@@ -269,7 +293,13 @@ def preprocess(reviews_file: str | Path, meta_file: str | Path, output_dir: str 
     for u, a, t in reviews:
         by_user[user_id[u]].append((t, item_id[a], a))
     sequences = {u: [(i, t) for t, i, _ in sorted(rows, key=lambda r: (r[0], r[2]))] for u, rows in by_user.items()}
-    parts = split_windows(make_windows(sequences, window), split)
+    t0 = time.perf_counter()
+    windows = make_windows(sequences, window)
+    log.info("windows of up to %d ids: %s from %s users and %s items (%.1f s)", window, f"{len(windows):,}",
+             f"{len(user_id):,}", f"{len(item_id):,}", time.perf_counter() - t0)
+    parts = split_windows(windows, split)
+    log.info("split %s by target time: " + ", ".join(f"{name} {len(rows):,}" for name, rows in zip(SPLITS, parts)),
+             list(split))
     check_splits(parts, split, k_core_min, Path(reviews_file))
 
     def write_titles(f: TextIO) -> None:
@@ -278,6 +308,8 @@ def preprocess(reviews_file: str | Path, meta_file: str | Path, output_dir: str 
     writers = {"id2name4Rec.json": write_titles}
     for name, rows in zip(SPLITS, parts):
         writers[f"{name}.csv"] = lambda f, rows=rows: write_windows(f, rows)
+    t0 = time.perf_counter()
     write_dataset(Path(output_dir), writers)
+    log.info("wrote %s to %s (%.1f s)", ", ".join(writers), output_dir, time.perf_counter() - t0)
     return {"users": len(user_id), "items": len(item_id), "interactions": len(reviews),
             **{name: len(rows) for name, rows in zip(SPLITS, parts)}}

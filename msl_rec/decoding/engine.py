@@ -10,19 +10,29 @@ Each rank appends its rows, keyed by split row index, to ``predictions.part<rank
 batch ends (:class:`PredictionWriter`, Lightning's ``BasePredictionWriter``); the eval app's rank 0
 folds the parts into one ``predictions.jsonl`` in row order at the end (and at the start of a
 resumed run, after a kill).
+
+The terminal shows progress in users, not batches (:class:`UserProgressBar`): ``Evaluating users
+3%|▍ | 120/3472 users [elapsed 01:15, ETA 35:00, 1.60 users/s]``.
 """
 
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+import logging
+import sys
+import time
+from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 import lightning as L
-from lightning.pytorch.callbacks import BasePredictionWriter
+from lightning.pytorch.callbacks import BasePredictionWriter, TQDMProgressBar
+from lightning.pytorch.callbacks.progress.tqdm_progress import Tqdm
 from torch.utils.data import DataLoader, Dataset
 
 from msl_rec.decoding.evaluate import predict_batch
+
+log = logging.getLogger(__name__)
 
 PART_GLOB = "predictions.part*.jsonl"
 
@@ -78,3 +88,78 @@ class PredictionWriter(BasePredictionWriter):
         with open(path, "a", encoding="utf-8") as f:
             f.writelines(json.dumps({"row": int(r), **p}) + "\n" for r, p in zip(rows, prediction))
             f.flush()
+
+
+def rank_users(batches: Sequence[Sequence[int]], rank: int = 0, world_size: int = 1) -> int:
+    """Users (split rows) rank ``rank`` of ``world_size`` decodes: Lightning's
+    ``UnrepeatedDistributedSampler`` gives it batches ``rank, rank + world_size, ...``."""
+    return sum(len(b) for b in batches[rank::world_size])
+
+
+class UserProgressBar(TQDMProgressBar):
+    """Lightning's tqdm bar with ``Trainer.predict`` counted in users (split rows), not batches.
+
+    Shows ``Evaluating users  3%|▍ | 120/3472 users [elapsed 01:15, ETA 35:00, 1.60 users/s]``: the
+    users this process decodes in this run (rank 0 of N: its share, ``rank_users``; users resumed from
+    an earlier run are not counted), their rate and the time left at that rate. When prediction ends it
+    logs one line with the count, the time and the rate (also in the run's log file).
+    """
+
+    BAR_FORMAT = "{l_bar}{bar}| {n_fmt}/{total_fmt} users [elapsed {elapsed}, ETA {remaining}, {rate_noinv_fmt}]"
+
+    def __init__(self, batches: Sequence[Sequence[int]], refresh_rate: int = 1):
+        super().__init__(refresh_rate=refresh_rate)
+        self.batches = batches
+        self.users_done = 0
+        self._rank_batches = len(batches)  # this process's share, set when prediction starts
+        self._t0: float | None = None
+
+    def init_predict_tqdm(self) -> Tqdm:
+        # Lightning's settings; unit " users" makes rate_noinv_fmt read "1.60 users/s"
+        return Tqdm(desc="Evaluating users", unit=" users", position=2 * self.process_position,
+                    disable=self.is_disabled, leave=True, dynamic_ncols=True, file=sys.stdout, smoothing=0,
+                    bar_format=self.BAR_FORMAT)
+
+    def on_predict_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        super().on_predict_start(trainer, pl_module)
+        self.users_done, self._t0 = 0, time.perf_counter()
+
+    def on_predict_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int,
+                               dataloader_idx: int = 0) -> None:
+        if not self.has_dataloader_changed(dataloader_idx):
+            return
+        bar = self.predict_progress_bar
+        self._rank_batches = len(self.batches[trainer.global_rank::trainer.world_size])
+        bar.reset(total=rank_users(self.batches, trainer.global_rank, trainer.world_size))
+        where = f" (rank {trainer.global_rank} of {trainer.world_size})" if trainer.world_size > 1 else ""
+        bar.set_description(f"Evaluating users{where}")
+
+    def on_predict_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
+                             batch_idx: int, dataloader_idx: int = 0) -> None:
+        self.users_done += batch_users(outputs, batch)
+        bar = self.predict_progress_bar
+        if self._should_update(batch_idx + 1, self._rank_batches) and not bar.disable:
+            bar.n = self.users_done
+            bar.refresh()
+
+    def on_predict_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        super().on_predict_end(trainer, pl_module)
+        seconds = time.perf_counter() - (self._t0 or time.perf_counter())
+        log.info("decoded %d users in %.1f s (%.2f users/s)%s", self.users_done, seconds,
+                 self.users_done / seconds if seconds > 0 else float("nan"),
+                 f" on rank {trainer.global_rank} of {trainer.world_size}" if trainer.world_size > 1 else "")
+
+
+def batch_users(outputs: Any, batch: Any) -> int:
+    """Users in one prediction batch: its prediction rows, else the batch's first dimension."""
+    if isinstance(outputs, Sequence):
+        return len(outputs)
+    if isinstance(batch, Mapping) and "input_ids" in batch:
+        return int(batch["input_ids"].shape[0])
+    return 0
+
+
+def progress_callbacks(trainer_cfg: Mapping[str, Any], batches: Sequence[Sequence[int]]) -> list[L.Callback]:
+    """``[UserProgressBar(batches)]``, or ``[]`` with ``trainer.enable_progress_bar=false`` (Lightning
+    refuses a progress bar callback then)."""
+    return [UserProgressBar(batches)] if trainer_cfg.get("enable_progress_bar", True) is not False else []

@@ -22,6 +22,7 @@ from typing import Any
 
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
 
 from msl_rec.utils.run_folder import RunStopped, is_launching_process, stops_the_run
 
@@ -205,16 +206,17 @@ def _job_settings(folder: Path, sweep_config: DictConfig) -> tuple[int | None, l
     if (hydra_dir / "config.yaml").is_file():
         try:
             metric = OmegaConf.select(OmegaConf.load(hydra_dir / "config.yaml"), "optimized_metric", default=metric)
-        except Exception:  # an interpolation that does not resolve here: the sweep's own setting
-            pass
+        except OmegaConfBaseException as err:  # an interpolation that does not resolve here: the sweep's own
+            log.debug("%s: optimized_metric does not resolve (%s); using the sweep's", hydra_dir, err)
     return (int(num) if num is not None else None), [str(o) for o in overrides or []], metric
 
 
 def sweep_jobs(sweep_dir: Path, sweep_config: DictConfig) -> list[dict[str, Any]]:
     """One dict per job folder of ``sweep_dir`` (any folder with ``.hydra/overrides.yaml`` but the
     ``.submitit`` logs), in job order: ``num``, ``folder``, ``overrides``, ``metric``, ``objective``
-    (:func:`job_objective`), ``status`` (``ok``, or ``failed: <error type>`` from its ``failed.json``) and
-    ``error`` (the first line of the error)."""
+    (:func:`job_objective`), ``status`` (``ok``; ``ok (no objective)`` when its ``metrics.json`` lacks the
+    optimised metric; ``failed: <error type>`` from its ``failed.json``) and ``error`` (the error's first
+    line)."""
     jobs = []
     for path in Path(sweep_dir).glob("**/.hydra/overrides.yaml"):
         folder = path.parent.parent
@@ -229,9 +231,11 @@ def sweep_jobs(sweep_dir: Path, sweep_config: DictConfig) -> list[dict[str, Any]
                 info = {}
             status = f"failed: {info.get('type', '?')}"
             error = (str(info.get("error", "")).strip().splitlines() or [""])[0]
+        objective = job_objective(folder, metric) if status == "ok" else None
+        if status == "ok" and metric and objective is None:  # the sweep got no value from it (Optuna: FAIL)
+            status = "ok (no objective)"
         jobs.append({"num": num, "folder": folder, "overrides": overrides, "metric": metric,
-                     "objective": None if error or status != "ok" else job_objective(folder, metric),
-                     "status": status, "error": error})
+                     "objective": objective, "status": status, "error": error})
     return sorted(jobs, key=lambda j: (j["num"] is None, j["num"] if j["num"] is not None else 0, str(j["folder"])))
 
 
@@ -253,7 +257,7 @@ def sweep_summary(sweep_dir: Path, jobs: list[dict[str, Any]], mode: str | None 
     common = set.intersection(*(set(j["overrides"]) for j in jobs)) if len(jobs) > 1 else set()
     metrics = sorted({str(j["metric"]) for j in jobs if j["metric"]})
     lines = [f"# Sweep {sweep_dir}", "",
-             f"{len(jobs)} job(s), {sum(j['status'] != 'ok' for j in jobs)} failed; objective: "
+             f"{len(jobs)} job(s), {sum(j['status'].startswith('failed') for j in jobs)} failed; objective: "
              f"{', '.join(metrics) or 'none (optimized_metric is null)'}" + (f" ({mode})" if mode and metrics else "")]
     if common:
         lines.append("overrides of every job: " + " ".join(f"`{o}`" for o in sorted(common, key=jobs[0]["overrides"].index)))
