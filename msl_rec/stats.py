@@ -69,9 +69,8 @@ def format_stats(stats: dict[str, float], name: str, backbone: str) -> str:
 
 
 def stats(cfg: DictConfig) -> dict[str, float]:
-    from msl_rec.models.tokenizers import load_tokenizer
-
     from msl_rec.data.io import dataset_file
+    from msl_rec.models.tokenizers import load_tokenizer
 
     item_file, train_file = dataset_file(cfg.dataset, "item_file"), dataset_file(cfg.dataset, "train_file")
     tokenizer = load_tokenizer(cfg.backbone.tokenizer)
