@@ -45,14 +45,14 @@ import csv
 import hashlib
 import json
 import math
-import struct
 import sys
-import zlib
 from collections import defaultdict
 from pathlib import Path
 
 import numpy as np
 import yaml
+
+from msl_rec.utils import wandb_files
 
 COLUMNS = [("N@5", "ndcg@5"), ("N@10", "ndcg@10"), ("H@5", "hr@5"), ("H@10", "hr@10")]
 LOGP = ("logp", "target_logp")  # mean log-likelihood of the target title; a column when evaluated
@@ -212,75 +212,11 @@ def load_curves(run: Path) -> list[dict[str, str]]:
     if steps:
         return steps
     for path in sorted(run.glob(WANDB_RUN_FILES)):
-        for row in wandb_history(path):
+        for row in wandb_files.history(path):
             step = row.get("trainer/global_step", row.get("_step"))
             if step is not None:
                 steps.append({**row, "step": str(int(float(step)))})
     return steps
-
-
-# wandb writes its run file (``.wandb``) in LevelDB's log format: a 7-byte file header, then records of
-# <crc32: uint32, length: uint16, type: uint8, data> in 32 KiB blocks (a block's tail shorter than a
-# record header is zero padding); a protobuf ``Record`` is one FULL record or FIRST, MIDDLE..., LAST.
-# wandb >= 0.19 reads it only in its Go core, so the reader is here (wandb's own protobuf messages).
-_LOG_BLOCK, _LOG_HEADER = 32768, 7
-_FULL, _FIRST, _MIDDLE, _LAST = 1, 2, 3, 4
-_WANDB_FILE_HEADER = struct.pack("<4sHB", b":W&B", 0xBEE1, 0)
-
-
-def wandb_records(path: Path) -> list[bytes]:
-    """The serialized ``Record`` messages of a wandb run file, in order. A record cut off at the end (a
-    killed run) is dropped; a wrong header or checksum is an error naming the file and byte offset."""
-    data = Path(path).read_bytes()
-    if data[:_LOG_HEADER] != _WANDB_FILE_HEADER:
-        raise ValueError(f"{path}: not a wandb run file (its first bytes are {data[:_LOG_HEADER]!r})")
-    records, pending, pos = [], None, _LOG_HEADER
-    while pos + _LOG_HEADER <= len(data):
-        left = _LOG_BLOCK - pos % _LOG_BLOCK
-        if left < _LOG_HEADER:  # padding to the next block
-            pos += left
-            continue
-        checksum, length, kind = struct.unpack("<IHB", data[pos:pos + _LOG_HEADER])
-        chunk = data[pos + _LOG_HEADER:pos + _LOG_HEADER + length]
-        if len(chunk) < length:
-            break  # cut off while being written
-        if kind == 0 and length == 0 and checksum == 0:  # zeroed tail of a block
-            pos += _LOG_HEADER
-            continue
-        if zlib.crc32(chunk, zlib.crc32(bytes([kind]))) != checksum:
-            raise ValueError(f"{path}: corrupt record at byte {pos} (checksum mismatch); the file was damaged, "
-                             "remove the run's wandb folder or restore it")
-        pos += _LOG_HEADER + length
-        if kind == _FULL:
-            records.append(chunk)
-        elif kind == _FIRST:
-            pending = chunk
-        elif kind in (_MIDDLE, _LAST) and pending is not None:
-            pending += chunk
-            if kind == _LAST:
-                records.append(pending)
-                pending = None
-    return records
-
-
-def wandb_history(path: Path) -> list[dict[str, str]]:
-    """The history rows (``wandb.log`` calls) of a wandb run file: ``{key: value}`` with values as text
-    (numbers as written, e.g. ``"4.86"``; non-numbers as their JSON)."""
-    from wandb.proto.wandb_internal_pb2 import Record
-
-    rows = []
-    for raw in wandb_records(path):
-        record = Record()
-        record.ParseFromString(raw)
-        if record.WhichOneof("record_type") != "history":
-            continue
-        row = {}
-        for item in record.history.item:
-            key = item.key or "/".join(item.nested_key)
-            value = json.loads(item.value_json) if item.value_json else None
-            row[key] = str(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else item.value_json
-        rows.append(row)
-    return rows
 
 
 def compact(ranges: list[tuple[int, int]]) -> list[tuple[int, int]]:

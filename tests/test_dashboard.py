@@ -3,46 +3,14 @@
 from __future__ import annotations
 
 import json
-import struct
 from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
 from omegaconf import OmegaConf
 
+from msl_rec.utils.wandb_files import read_records
 from tests.conftest import TINY, compose
-
-BLOCK = 32768  # the .wandb log is LevelDB's log format: 32 KiB blocks of (crc32c, length, type) + data
-FULL, FIRST, MIDDLE, LAST = 1, 2, 3, 4
-
-
-def wandb_records(path: Path) -> list:
-    """Every record (``wandb.proto.wandb_internal_pb2.Record``) of a ``run-<id>.wandb`` file, in order.
-
-    wandb 0.31 ships no Python reader of its log (``wandb leet inspect`` is interactive), so this is
-    LevelDB's log format with wandb's 7-byte file header (``:W&B``, magic, version)."""
-    from wandb.proto import wandb_internal_pb2 as pb
-
-    data = path.read_bytes()
-    assert data[:4] == b":W&B", f"{path} is not a wandb log"
-    records, pending, pos = [], b"", 7
-    while pos + 7 <= len(data):
-        left = BLOCK - pos % BLOCK
-        if left < 7:  # a block's tail too short for a header is padding
-            pos += left
-            continue
-        _, length, kind = struct.unpack("<IHB", data[pos: pos + 7])
-        if kind == 0:  # zero padding to the block's end
-            pos += left
-            continue
-        pending += data[pos + 7: pos + 7 + length]
-        pos += 7 + length
-        if kind in (FULL, LAST):
-            record = pb.Record()
-            record.ParseFromString(pending)
-            records.append(record)
-            pending = b""
-    return records
 
 
 class OfflineRun:
@@ -53,7 +21,7 @@ class OfflineRun:
         assert len(logs) == 1, f"expected one offline wandb run under {run_dir}/wandb, found {logs}"
         self.files = logs[0].parent / "files"
         self.run, self.config, self.summary, self.history, self.metrics = None, {}, {}, [], []
-        for r in wandb_records(logs[0]):
+        for r in read_records(logs[0]):  # the project's reader (wandb 0.31 has none in Python)
             kind = r.WhichOneof("record_type")
             if kind == "run":
                 self.run = r.run

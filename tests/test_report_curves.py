@@ -8,8 +8,9 @@ from omegaconf import OmegaConf
 
 
 def test_training_curves_from_a_wandb_only_run(compose_train, tmp_path, monkeypatch):
-    from experiments.report import load_curves, wandb_records, write_report
+    from experiments.report import load_curves, write_report
     from msl_rec.train import train
+    from msl_rec.utils.wandb_files import raw_records as wandb_records
 
     monkeypatch.setenv("WANDB_MODE", "offline")
     monkeypatch.setenv("WANDB_SILENT", "true")
