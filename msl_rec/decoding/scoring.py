@@ -36,7 +36,7 @@ import numpy as np
 import torch
 
 from msl_rec.losses.functional import union_logits
-from msl_rec.models.backbone import backbone_body, output_weight, position_ids_from_mask
+from msl_rec.models.backbone import backbone_body, output_weight
 from msl_rec.utils.precision import ModelCopies, autocast_off
 
 MASK_MODES = ("before", "after")
@@ -117,8 +117,7 @@ class TargetScorer:
             raise ValueError(f"target_logp needs the batch's prompt+response fields; missing {missing} "
                              "(build batches with RecDataModule, or pass scoring={'target_logp': False})")
         ids, am, labels = batch["input_ids"], batch["attention_mask"], batch["labels"]
-        hidden = backbone_body(model)(input_ids=ids, attention_mask=am, position_ids=position_ids_from_mask(am),
-                                      use_cache=False).last_hidden_state[:, :-1]
+        hidden = self._unpadded_hidden(model, ids, am)[:, :-1]
         target = labels[:, 1:]
         pick = target != -100
         row = torch.arange(ids.shape[0], device=ids.device)[:, None].expand_as(pick)[pick]
@@ -129,6 +128,26 @@ class TargetScorer:
             valid = v[keep]
         logp = token_logps(hidden[pick], output_weight(model), target[pick], valid, self.mask)
         return _sum_by_row(logp, row, ids.shape[0])
+
+    @staticmethod
+    def _unpadded_hidden(model, ids: torch.Tensor, am: torch.Tensor) -> torch.Tensor:
+        """(B, T, d) final hidden states, each row run on its own real tokens (zeros at padding).
+
+        One forward per user, never a padded batch: the backbone's matmul shapes, and so its float32
+        rounding, depend only on the user's own sequence, not on the batch size, the other users'
+        lengths or the shard layout (a padded batch moved ``target_logp`` by ~1e-6 relative). No
+        padding is computed, so the cost is about that of the padded batch."""
+        body = backbone_body(model)
+        real = am.bool()
+        rows = []
+        for b in range(ids.shape[0]):
+            x = ids[b][real[b]][None]
+            rows.append(body(input_ids=x, position_ids=torch.arange(x.shape[1], device=x.device)[None],
+                             use_cache=False).last_hidden_state[0])
+        hidden = rows[0].new_zeros(ids.shape[0], ids.shape[1], rows[0].shape[-1])
+        for b, h in enumerate(rows):
+            hidden[b, real[b]] = h
+        return hidden
 
     # ------------------------------------------------------------------ sampled rank
     def negatives(self, user_id: int, target_id: int) -> list[int]:
