@@ -57,6 +57,16 @@ def _loss_rows(run_dir: Path) -> list[dict[str, str]]:
     return rows
 
 
+def _terminate(proc: subprocess.Popen, log: Path, timeout: int) -> int:
+    """SIGTERM ``proc`` and its return code; a process still running after ``timeout`` s fails the test."""
+    proc.send_signal(signal.SIGTERM)
+    try:
+        return proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        pytest.fail(f"SIGTERM did not stop the run:\n{log.read_text()[-3000:]}")
+
+
 def _interrupt_training(run_dir: Path, tiny_overrides: list[str], after_rows: int = 5) -> dict:
     """Start a long training, SIGTERM it once ``after_rows`` losses are logged; the process's
     return code, its log and the last.ckpt it left."""
@@ -64,12 +74,7 @@ def _interrupt_training(run_dir: Path, tiny_overrides: list[str], after_rows: in
     proc = _start("msl_rec.train", *tiny_overrides, *TRAIN, "trainer.max_epochs=1000",
                   f"hydra.run.dir={run_dir}", log=log)
     _wait_for(lambda: len(_loss_rows(run_dir)) >= after_rows, proc, log)
-    proc.send_signal(signal.SIGTERM)
-    try:
-        rc = proc.wait(timeout=120)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        pytest.fail(f"SIGTERM did not stop the run:\n{log.read_text()[-3000:]}")
+    rc = _terminate(proc, log, timeout=120)
     ckpt = run_dir / "checkpoints" / "last.ckpt"
     state = torch.load(ckpt, weights_only=True) if ckpt.is_file() else None
     return {"rc": rc, "log": log.read_text(), "state": state, "seen": after_rows}
@@ -189,12 +194,7 @@ def test_sigterm_under_ddp_stops_every_rank_and_keeps_a_resumable_last_ckpt(tmp_
     proc = _start("msl_rec.train", *tiny_overrides, *TRAIN, *ddp, log=log)
     # past epoch 0 (8 micro-batches per rank and epoch), whose end saved the last.ckpt to keep
     _wait_for(lambda: len(_loss_rows(run_dir)) >= 10, proc, log, timeout=400)
-    proc.send_signal(signal.SIGTERM)
-    try:
-        rc = proc.wait(timeout=180)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        pytest.fail(f"SIGTERM did not stop the DDP run:\n{log.read_text()[-3000:]}")
+    rc = _terminate(proc, log, timeout=180)
     text = log.read_text()
     assert rc == SIGTERM_EXIT_CODE, text[-3000:]
     assert text.count("SIGTERM: ") == 2  # each rank reports its stop (the same step)

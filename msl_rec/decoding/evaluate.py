@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -15,6 +14,7 @@ import torch
 from msl_rec.decoding.base import Decoder
 from msl_rec.decoding.scoring import TargetScorer
 from msl_rec.metrics import compute_metrics, rank_of_target
+from msl_rec.utils.files import write_atomic
 
 
 @dataclass
@@ -38,21 +38,6 @@ class EvalResult:
     def save(self, folder: str | Path) -> Path:
         """Write ``predictions.jsonl`` and ``metrics.json`` into ``folder`` (created); return it."""
         return save_eval_result(self, folder)
-
-
-def write_atomic(path: str | Path, text: str) -> None:
-    """Write ``text`` to a temporary file beside ``path`` and rename it over ``path``: a kill leaves
-    either the old file or the new one, never a half-written one."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    try:
-        with open(tmp, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 def save_eval_result(result: EvalResult, folder: str | Path) -> Path:

@@ -13,6 +13,8 @@ import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
+from msl_rec.utils.files import write_atomic
+
 
 class BestMetricsWriter(L.Callback):
     """Write ``metrics.json`` for the validation epoch with the best ``monitor`` (the selection metric).
@@ -72,9 +74,7 @@ class BestMetricsWriter(L.Callback):
             root = self.dirpath.resolve()
             out["best_ckpt"] = str(p.relative_to(root)) if root in p.parents else str(p)
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self.path.with_name(self.path.name + ".tmp")
-        tmp.write_text(json.dumps(out, indent=2) + "\n")
-        os.replace(tmp, self.path)
+        write_atomic(self.path, json.dumps(out, indent=2) + "\n")
 
     def state_dict(self) -> dict:
         return {"best": self.best, "best_metrics": dict(self.best_metrics), "decode_dtype": self.decode_dtype}

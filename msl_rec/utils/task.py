@@ -15,7 +15,6 @@ import functools
 import json
 import logging
 import math
-import os
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -24,6 +23,7 @@ from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from msl_rec.utils.files import write_atomic
 from msl_rec.utils.run_folder import RunStopped, is_launching_process, stops_the_run
 
 log = logging.getLogger(__name__)
@@ -69,10 +69,8 @@ def write_failure(folder: Path, exc: BaseException, overrides: list[str]) -> Pat
     """``<folder>/failed.json``: ``{"error": str(exc), "type": <class name>, "overrides": [...]}``."""
     path = folder / FAILED_FILE
     folder.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps({"error": str(exc), "type": type(exc).__name__, "overrides": list(overrides)},
-                              indent=1) + "\n")
-    os.replace(tmp, path)
+    write_atomic(path, json.dumps({"error": str(exc), "type": type(exc).__name__, "overrides": list(overrides)},
+                                  indent=1) + "\n")
     return path
 
 
@@ -298,7 +296,5 @@ class SweepSummary(Callback):
         mode = mode if isinstance(mode, str) else OmegaConf.select(config, "monitor.mode", default=None)
         text = sweep_summary(folder, jobs, mode)
         print("\n" + text, flush=True)
-        tmp = folder / (SUMMARY_FILE + ".tmp")
-        tmp.write_text(text)
-        os.replace(tmp, folder / SUMMARY_FILE)
+        write_atomic(folder / SUMMARY_FILE, text)
         log.info("sweep summary: %s", folder / SUMMARY_FILE)
