@@ -30,6 +30,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 
 from msl_rec.utils import config as _config  # noqa: F401  (registers ${project_root:})
 from msl_rec.utils.config import CONFIG_DIR
+from msl_rec.utils.files import write_atomic
 from msl_rec.utils.task import task_wrapper
 
 log = logging.getLogger(__name__)
@@ -250,8 +251,6 @@ def fold_predictions(out_dir: Path, expected: dict[int, tuple[int, int]]) -> lis
     """Fold ``predictions.jsonl`` and any per-rank part files into one checked ``predictions.jsonl``
     in row order (a temporary file renamed over it, so a kill never loses what was written)."""
     from msl_rec.decoding.engine import PART_GLOB
-    from msl_rec.decoding.evaluate import write_atomic
-
     main = out_dir / "predictions.jsonl"
     parts = sorted(out_dir.glob(PART_GLOB))
     done = check_predictions(([main] if main.is_file() else []) + parts, expected)
@@ -270,8 +269,6 @@ def resume_predictions(out_dir: Path, key: dict[str, Any], resume: bool, expecte
     ``eval_key.json``; the other ranks read what rank 0 left.
     """
     from msl_rec.decoding.engine import PART_GLOB
-    from msl_rec.decoding.evaluate import write_atomic
-
     pred_file, key_file = out_dir / "predictions.jsonl", out_dir / "eval_key.json"
     saved_any = pred_file.is_file() or any(out_dir.glob(PART_GLOB))
     if not write:
@@ -332,8 +329,6 @@ def check_mergeable(folders: list[Path]) -> list[tuple[int, int]]:
 def merge_app(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
     """``merge=[dir, ...]``: one predictions.jsonl and metrics.json over several evaluations."""
     from msl_rec.decoding import merge_predictions
-    from msl_rec.decoding.evaluate import write_atomic
-
     folders = [Path(f) for f in cfg.merge]
     if len(folders) < 2:
         raise ValueError(f"merge={list(cfg.merge)}: merging needs at least two evaluation folders (the shards of one "
@@ -445,7 +440,7 @@ def length_sorted_batches(rows: list[int], prompt_len: list[int], batch_size: in
 def evaluate_app(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
     from msl_rec.decoding import build_decoder, decoder_settings, needs_train_targets
     from msl_rec.decoding.engine import BatchList, EvalPredictor, PredictionWriter, progress_callbacks
-    from msl_rec.decoding.evaluate import EvalResult, summarize, write_atomic
+    from msl_rec.decoding.evaluate import EvalResult, summarize
     from msl_rec.decoding.scoring import TargetScorer
     from msl_rec.models.module import RecLitModule
     from msl_rec.train import build_data
