@@ -35,18 +35,26 @@ from typing import Any
 import hydra
 import lightning as L
 import torch
+from hydra.core.hydra_config import HydraConfig
+from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig, OmegaConf
 
-from msl_rec.utils import config as _config  # noqa: F401  (registers ${project_root:})
+from msl_rec.data.build import build_data
+from msl_rec.decoding import decoder_settings
+from msl_rec.models.checkpoint import read_checkpoint
+from msl_rec.training.module import RecLitModule
+from msl_rec.training.optim import optim_settings
 from msl_rec.utils.callbacks import BestMetricsWriter, VerifiedCheckpointIO
-from msl_rec.utils.config import CONFIG_DIR
+from msl_rec.utils.config import CONFIG_DIR, plain  # importing it registers ${project_root:} and the schemas
 from msl_rec.utils.logging_utils import (
     instantiate_callbacks,
     instantiate_loggers,
     log_hyperparameters,
     run_identity,
 )
+from msl_rec.utils.precision import auto_dtype
+from msl_rec.utils.registry import check_targets
 from msl_rec.utils.resume import resume_argv, resume_config
 from msl_rec.utils.run_folder import is_launching_process
 from msl_rec.utils.signals import SIGTERM_EXIT_CODE, StopTrainingOnSigterm
@@ -68,17 +76,6 @@ def world_size(trainer_cfg: DictConfig) -> int:
     return max(1, n) * int(trainer_cfg.get("num_nodes", 1) or 1)
 
 
-def config_int(cfg: DictConfig, key: str) -> int:
-    """``cfg[key]`` (a dotted key) as an int; a clear error naming the key otherwise."""
-    value = OmegaConf.select(cfg, key)
-    try:
-        if isinstance(value, bool) or value is None or float(value) != int(value):
-            raise ValueError
-        return int(value)
-    except (TypeError, ValueError):
-        raise ValueError(f"{key}={value!r}: expected a whole number") from None
-
-
 def check_training_length(cfg: DictConfig) -> None:
     """A run that would train nothing (``trainer.max_epochs=0``, ``trainer.max_steps=0``,
     ``trainer.limit_train_batches=0``) is an error naming the key: it would exit 0 with no model.
@@ -91,8 +88,9 @@ def check_training_length(cfg: DictConfig) -> None:
 
 
 def grad_accumulation(cfg: DictConfig, world: int) -> int:
-    """Micro-batches per optimizer step so that micro batch x world size x it = ``optim.global_batch_size``."""
-    gbs, mbs = config_int(cfg, "optim.global_batch_size"), config_int(cfg, "data.micro_batch_size")
+    """Micro-batches per optimizer step so that micro batch x world size x it = ``optim.global_batch_size``.
+    Both are whole numbers by the schema; that they divide is checked here."""
+    gbs, mbs = int(cfg.optim.global_batch_size), int(cfg.data.micro_batch_size)
     if mbs < 1:
         raise ValueError(f"data.micro_batch_size={mbs}: must be >= 1")
     per_pass = mbs * world
@@ -111,8 +109,6 @@ def trainer_precision(trainer_cfg: DictConfig) -> str:
     natively (a GPU; a CPU with AVX512-BF16/AMX, see :func:`~msl_rec.utils.precision.cpu_supports_bf16`),
     else 32-true. LoRA weights and optimiser state stay fp32 under bf16-mixed (autocast), and the
     losses upcast their logits to fp32."""
-    from msl_rec.utils.precision import auto_dtype
-
     if trainer_cfg.get("precision"):
         return str(trainer_cfg.precision)
     on_gpu = torch.cuda.is_available() and str(trainer_cfg.get("accelerator", "auto")) in ("auto", "gpu", "cuda")
@@ -130,46 +126,17 @@ def build_strategy(strategy: Any) -> Any:
     return hydra.utils.instantiate(strategy, _convert_="partial")
 
 
-def build_data(cfg: DictConfig, num_negatives: int = 0):
-    """Tokenizer, item catalog and data module for ``cfg.dataset`` and ``cfg.backbone``."""
-    from msl_rec.data.catalog import ItemCatalog
-    from msl_rec.data.datamodule import RecDataModule
-    from msl_rec.data.io import dataset_file
-    from msl_rec.models.tokenizers import load_tokenizer
-
-    dataset_file(cfg.dataset, "item_file")  # a dataset not built yet: an error naming the command that builds it
-    tokenizer = load_tokenizer(cfg.backbone.tokenizer)
-    catalog = ItemCatalog.from_file(cfg.dataset.item_file, tokenizer,
-                                    allow_empty_titles=bool(cfg.dataset.get("allow_empty_titles", False)))
-    d = cfg.data
-    dm = RecDataModule(cfg.dataset, tokenizer, catalog, micro_batch_size=config_int(cfg, "data.micro_batch_size"),
-                       eval_batch_size=config_int(cfg, "data.eval_batch_size"), train_subset=d.get("train_subset"),
-                       valid_subset=d.get("valid_subset"), test_subset=d.get("test_subset"),
-                       num_negatives=num_negatives, fixed_negatives=bool(d.get("fixed_negatives", False)),
-                       seed=int(cfg.seed), num_workers=int(d.get("num_workers", 0)), sample=d.get("sample"),
-                       bucket_by_length=bool(d.get("bucket_by_length", True)))
-    return tokenizer, catalog, dm
-
-
-def _plain(node: Any) -> Any:
-    return OmegaConf.to_container(node, resolve=True) if node is not None else None
-
-
 @task_wrapper
 def train(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
-    """Fit (and validate every epoch); return (metrics, objects)."""
-    from msl_rec.models.module import RecLitModule
-    from msl_rec.utils.registry import check_targets
+    """Fit (and validate every epoch); return (metrics, objects).
 
+    ``cfg`` is typed (msl_rec/utils/schema.py ``TrainConfig``): keys and types were checked when it was
+    composed; the values a type cannot express are checked here before anything is loaded."""
     # every class the config names (a resumed run's is a loaded file) comes from the allowlist
     check_targets(cfg, source=f"{cfg.resume}/.hydra/config.yaml" if cfg.get("resume") else "the training config")
     if cfg.get("decoder"):  # top_k and the decoder settings fail now, not at the first validation
-        from msl_rec.decoding import decoder_settings
-
-        decoder_settings(cfg.decoder, cfg.get("top_k"))
-    from msl_rec.models.optim import optim_settings
-
-    optim_settings(_plain(cfg.get("optim")) or {})  # a bad lr / weight decay: an error before any loading
+        decoder_settings(cfg.decoder, cfg.top_k)
+    optim_settings(plain(cfg.optim))  # a bad lr / weight decay: an error before any loading
     check_training_length(cfg)
     ws = world_size(cfg.trainer)
     accumulate = grad_accumulation(cfg, ws)  # before any loading: a bad batch setting fails at once
@@ -177,8 +144,8 @@ def train(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
         L.seed_everything(int(cfg.seed), workers=True)
 
     sft_ckpt = OmegaConf.select(cfg, "sdpo.sft_ckpt")
-    module = RecLitModule(backbone=_plain(cfg.backbone), loss=_plain(cfg.loss), optim=_plain(cfg.optim),
-                          decoder=_plain(cfg.get("decoder")), top_k=list(cfg.get("top_k", [1, 5, 10])),
+    module = RecLitModule(backbone=plain(cfg.backbone), loss=plain(cfg.loss), optim=plain(cfg.optim),
+                          decoder=plain(cfg.get("decoder")), top_k=list(cfg.top_k), scoring=plain(cfg.scoring),
                           sft_ckpt=sft_ckpt)
     if module.loss.needs_reference and not sft_ckpt:
         log.warning("%s without sdpo.sft_ckpt: the reference is the bare base model, not an SFT model "
@@ -205,8 +172,6 @@ def train(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
     log_hyperparameters(cfg, trainer, module)
 
     if cfg.get("ckpt_path"):
-        from msl_rec.models.checkpoint import read_checkpoint
-
         read_checkpoint(cfg.ckpt_path)  # a bad or unsafe file: an error naming it, before training starts
     try:
         trainer.fit(module, datamodule=dm, ckpt_path=cfg.get("ckpt_path"), weights_only=True)
@@ -225,8 +190,6 @@ def train(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
 
 def check_checkpoints(trainer: L.Trainer) -> None:
     """Every best/last checkpoint the run reports must exist (rank 0, shared run folder)."""
-    from lightning.pytorch.callbacks import ModelCheckpoint
-
     if not trainer.is_global_zero:
         return
     for cb in trainer.checkpoint_callbacks:
@@ -242,8 +205,6 @@ def check_checkpoints(trainer: L.Trainer) -> None:
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="train.yaml")
 def hydra_main(cfg: DictConfig) -> float | None:
     if cfg.get("resume"):
-        from hydra.core.hydra_config import HydraConfig
-
         hc = HydraConfig.get()
         # every config group of this composition (budget, experiment, ...), not a hand-kept list
         cfg = resume_config(cfg, list(hc.overrides.task), groups=dict(hc.runtime.choices),

@@ -13,8 +13,8 @@ import pytest
 import torch
 import yaml
 
-from msl_rec.models.module import RecLitModule
 from msl_rec.train import train
+from msl_rec.training.module import RecLitModule
 from msl_rec.utils.config import PROJECT_ROOT
 
 
@@ -41,7 +41,7 @@ def test_training_runs_in_train_mode_with_lora_dropout(compose_train, monkeypatc
         modes.append((self.model.training, bool(drops) and all(m.training for m in drops)))
         return step(self, batch, batch_idx)
 
-    import msl_rec.models.module as module_py
+    import msl_rec.training.module as module_py
 
     build = module_py.build_backbone  # as from_pretrained (gguf, hub) hands it over: in eval mode
     monkeypatch.setattr(module_py, "build_backbone", lambda *a, **k: build(*a, **k).eval())
@@ -135,9 +135,19 @@ def test_sweep_runs_every_job(tmp_path, tiny_overrides, cli):
             f"hydra.sweep.dir={tmp_path}")
     jobs = sorted(p.name for p in tmp_path.iterdir() if p.is_dir() and p.name.isdigit())
     assert jobs == ["0", "1"]
+    # each job trained its own loss (not the same config twice), and each logged its own training losses
+    targets = [yaml.safe_load((tmp_path / j / ".hydra" / "config.yaml").read_text())["loss"]["_target_"] for j in jobs]
+    assert targets == ["msl_rec.losses.LMLLoss", "msl_rec.losses.MSLLoss"]
+    first_loss = []
     for j in jobs:
-        assert (tmp_path / j / ".hydra" / "config.yaml").is_file()
-        assert list((tmp_path / j).glob("csv/version_*/metrics.csv"))
+        rows = list(csv.DictReader(next((tmp_path / j).glob("csv/version_*/metrics.csv")).read_text().splitlines()))
+        first_loss.append(next(float(r[k]) for r in rows for k in r if k.startswith("train/loss") and r[k]))
+    assert first_loss[0] != first_loss[1], first_loss  # LML's full softmax vs MSL's masked one
+    # the sweep's table reports each job as ok, with its own metrics.json objective
+    table = (tmp_path / "summary.md").read_text()
+    for j, loss in zip(jobs, ("lml", "msl")):
+        objective = json.loads((tmp_path / j / "metrics.json").read_text())["ndcg@10"]
+        assert f"| {j} | loss={loss} | {objective:.4f} | ok | " in table, table
 
 
 def test_sweep_with_a_failed_job_runs_the_others_and_exits_non_zero(tmp_path, tiny_overrides):

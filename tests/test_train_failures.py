@@ -10,8 +10,9 @@ from pathlib import Path
 import pytest
 import torch
 from fsspec.implementations.local import LocalFileSystem
+from hydra.errors import ConfigCompositionException
 
-from msl_rec.eval import best_checkpoint
+from msl_rec.evaluation.runner import best_checkpoint
 from msl_rec.train import grad_accumulation, train
 from msl_rec.utils.resume import resume_argv
 
@@ -41,7 +42,7 @@ def test_checkpoints_path_that_is_a_file_stops_the_run(compose_train, tmp_path):
 
 
 def test_nan_loss_stops_with_the_step_and_saves_nothing(compose_train, tmp_path, monkeypatch):
-    from msl_rec.models.module import RecLitModule
+    from msl_rec.training.module import RecLitModule
 
     step = RecLitModule.training_step  # the first batch's loss is NaN, as a diverging run's would be
     monkeypatch.setattr(RecLitModule, "training_step",
@@ -67,8 +68,11 @@ def test_global_batch_not_a_multiple_is_an_error(compose_train, gbs, mbs, world)
 
 
 def test_non_integer_batch_size_names_the_key(compose_train):
-    with pytest.raises(ValueError, match=r"data.micro_batch_size='abc'"):
-        train(compose_train("data.micro_batch_size=abc"))
+    """A batch size that is not a whole number fails when the config is composed (DataConfig types it)."""
+    for bad in ("abc", "2.5"):
+        with pytest.raises(ConfigCompositionException) as err:
+            compose_train(f"data.micro_batch_size={bad}")
+        assert "data.micro_batch_size" in f"{err.value} {err.value.__cause__}"
 
 
 def test_resume_of_a_folder_that_is_not_a_run(tmp_path):
@@ -129,7 +133,7 @@ def test_eval_run_dir_reads_the_selection_from_last_ckpt_when_metrics_json_lacks
 
 
 def test_eval_run_dir_without_checkpoint_or_config_is_an_error(tmp_path, compose_eval):
-    from msl_rec.eval import apply_run_dir
+    from msl_rec.evaluation.runner import apply_run_dir
 
     with pytest.raises(FileNotFoundError, match=r"no checkpoint"):
         best_checkpoint(tmp_path)

@@ -1,4 +1,4 @@
-"""Where the configs live, and the OmegaConf resolvers the configs use."""
+"""Where the configs live, the OmegaConf resolvers and the schemas (msl_rec/utils/schema.py) they use."""
 
 from __future__ import annotations
 
@@ -7,8 +7,11 @@ import re
 from collections.abc import Mapping
 from datetime import datetime
 from pathlib import Path
+from typing import Any
 
-from omegaconf import OmegaConf
+from omegaconf import DictConfig, ListConfig, OmegaConf
+
+from msl_rec.utils.schema import register_schemas
 
 PROJECT_ROOT = Path(os.environ.get("MSL_REC_ROOT", Path(__file__).resolve().parents[2]))
 CONFIG_DIR = str(PROJECT_ROOT / "configs")
@@ -74,3 +77,12 @@ def register_resolvers() -> None:
 
 
 register_resolvers()
+register_schemas()  # what the configs' Defaults Lists name (train_schema, loss/schema_msl, ...)
+
+
+def plain(node: Any) -> Any:
+    """A DictConfig/ListConfig as plain, resolved Python data (dicts, lists, scalars); anything else as is.
+    What is saved (checkpoint hyperparameters, eval keys) is plain data, never an OmegaConf node."""
+    if isinstance(node, (DictConfig, ListConfig)):
+        return OmegaConf.to_container(node, resolve=True)
+    return node

@@ -4,9 +4,11 @@ A run folder's ``.hydra/config.yaml`` (``resume=``, ``run_dir=``) and a checkpoi
 ``hyper_parameters`` are files, and a file is data: the classes named in them are looked up here and
 nowhere else. ``hydra.utils.instantiate`` would import and call any importable name with any
 arguments (``_target_: os.system``), so every config is checked with :func:`check_targets` before
-anything in it is built, and losses are built from :data:`LOSSES` by name.
+anything in it is built (losses: :func:`msl_rec.losses.build_loss`, decoders:
+:func:`msl_rec.decoding.build_decoder`, the optimizer: :func:`msl_rec.training.optim.build_optimizer`).
+This module holds import paths as strings only and imports no component.
 
-To add a component (a loss, a callback, a logger, a strategy), add its import path here: one line.
+To add a component (a loss, a decoder, a callback, a logger, a strategy), add its import path here: one line.
 """
 
 from __future__ import annotations
@@ -14,16 +16,28 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+from omegaconf import DictConfig, ListConfig, OmegaConf
+
 LOSSES = {
     "msl_rec.losses.LMLLoss": "lml",
     "msl_rec.losses.MSLLoss": "msl",
     "msl_rec.losses.MSLATSLoss": "msl_ats",
     "msl_rec.losses.SDPOLoss": "sdpo",
 }
-"""Loss ``_target_`` -> its ``configs/loss`` name."""
+"""Loss ``_target_`` -> its ``configs/loss`` name (also how runs are named and grouped)."""
+
+DECODERS = {
+    "msl_rec.decoding.ConstrainedBeamSearch": ("cbs", "cbs_masked"),
+    "msl_rec.decoding.PopularityRanker": ("popularity",),
+    "msl_rec.decoding.RandomRanker": ("random",),
+}
+"""Decoder ``_target_`` -> the ``configs/decoder`` names that build it (a checkpoint saved before decoders
+had a ``_target_`` names only ``name``)."""
 
 ALLOWED_TARGETS = frozenset({
     *LOSSES,
+    *DECODERS,
+    "torch.optim.AdamW",  # optim._target_, built as a partial over the trainable parameters
     # Lightning: the trainer, its callbacks, loggers and strategies
     "lightning.pytorch.trainer.Trainer",
     "lightning.pytorch.Trainer",
@@ -47,6 +61,7 @@ ALLOWED_TARGETS = frozenset({
     "msl_rec.utils.callbacks.MidEpochResume",
     "msl_rec.utils.callbacks.NonFiniteGuard",
     "msl_rec.utils.dashboard.WandbDashboard",
+    "msl_rec.utils.schema.SchemaCheck",
     "experiments.probes.LogitProbe",
 })
 """Every ``_target_`` a msl-rec config may name."""
@@ -66,8 +81,6 @@ class ConfigSecurityError(ValueError):
 
 
 def _plain(cfg: Any) -> Any:
-    from omegaconf import DictConfig, ListConfig, OmegaConf
-
     if isinstance(cfg, (DictConfig, ListConfig)):
         return OmegaConf.to_container(cfg, resolve=False)
     return cfg
@@ -103,12 +116,3 @@ def check_targets(cfg: Any, source: str, prefix: str = "") -> None:
         for i, item in enumerate(cfg):
             check_targets(item, source, f"{prefix}[{i}].")
 
-
-def loss_class(target: Any, source: str = "loss config") -> type:
-    """The loss class a ``loss._target_`` names, from :data:`LOSSES` only."""
-    if target not in LOSSES:
-        raise ConfigSecurityError(f"{source}: loss._target_={target!r} is not a msl-rec loss; choose one of "
-                                  f"{sorted(LOSSES)} (configs/loss: {', '.join(LOSSES.values())})")
-    from msl_rec import losses
-
-    return getattr(losses, target.rsplit(".", 1)[1])

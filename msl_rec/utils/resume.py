@@ -14,6 +14,8 @@ changed key as ``old -> new``; start a new run for those. A config group overrid
 names the group option the run already used. The accepted changes are appended to
 ``<run>/.hydra/resume_changes.jsonl`` (one JSON line per resume: time, overrides, ``{key: {old, new}}``).
 Each resume starts from the saved config again: changes of an earlier resume are not carried over.
+The saved config is read onto the training schema (msl_rec/utils/schema.py ``TrainConfig``), so a
+resumed run is typed as a new one; a saved key the schema no longer has is an error naming it.
 """
 
 from __future__ import annotations
@@ -23,8 +25,11 @@ import time
 from pathlib import Path
 from typing import Any
 
+from hydra.core.override_parser.overrides_parser import OverridesParser
 from omegaconf import DictConfig, OmegaConf, open_dict
 from omegaconf.errors import OmegaConfBaseException
+
+from msl_rec.utils.schema import TrainConfig
 
 WANDB_ID_FILE = "wandb_id.txt"
 CHANGES_FILE = "resume_changes.jsonl"
@@ -91,6 +96,16 @@ def _value(cfg: DictConfig, key: str) -> Any:
     return node
 
 
+def load_saved_config(path: Path) -> DictConfig:
+    """A run's saved ``.hydra/config.yaml`` merged onto :class:`~msl_rec.utils.schema.TrainConfig`: typed,
+    with the defaults of keys added since it was saved; a key the schema does not have is an error."""
+    try:
+        return OmegaConf.merge(OmegaConf.structured(TrainConfig), OmegaConf.load(path))
+    except OmegaConfBaseException as e:
+        raise ValueError(f"resume: {path} does not fit the training config's schema (msl_rec/utils/schema.py): "
+                         f"{e}; it was saved by another msl-rec version: start a new run") from None
+
+
 def _saved_choices(run_dir: Path) -> dict[str, Any]:
     """The group options the run was composed with (its ``.hydra/hydra.yaml``; ``{}`` if absent)."""
     path = run_dir / ".hydra" / "hydra.yaml"
@@ -111,10 +126,8 @@ def resume_config(cfg: DictConfig, overrides: list[str], groups: dict[str, Any] 
     :data:`SAFE_RESUME_KEYS`; with ``record``, appends the accepted changes to
     ``.hydra/resume_changes.jsonl``.
     """
-    from hydra.core.override_parser.overrides_parser import OverridesParser
-
     run_dir = Path(cfg.resume)
-    saved = OmegaConf.load(run_dir / ".hydra" / "config.yaml")
+    saved = load_saved_config(run_dir / ".hydra" / "config.yaml")
     groups = dict(groups or {})
     old_choices = _saved_choices(run_dir)
     changes: dict[str, dict[str, Any]] = {}

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import pytest
-from omegaconf import OmegaConf
+
+from msl_rec.losses import build_loss, loss_settings
 
 
 def _compose(*overrides: str, hydra: bool = False):
@@ -20,7 +21,8 @@ def test_paper_decodes_as_released():
     cfg = _compose("experiment=paper")
     assert cfg.decoder.name == "cbs" and cfg.decoder.mask == "after"
     assert cfg.decoder.num_beams == 10 and cfg.decoder.max_new_tokens == 128 and cfg.decoder.length_penalty == 1.0
-    assert cfg.loss._target_.endswith("MSLATSLoss") and cfg.loss.ema_init == 1.5 and cfg.loss.stats_at == "root"
+    assert cfg.loss._target_.endswith("MSLATSLoss") and cfg.loss.ema_init == 1.5
+    assert build_loss(cfg.loss, cfg.backbone).stats_at == "root"  # LLaMA-3's, as released
 
 
 def test_paper_masked_is_fixed_tau_with_pre_softmax_cbs():
@@ -44,12 +46,15 @@ def test_ablation_lr_sweeps_msl_without_temperature():
 @pytest.mark.parametrize("backbone, expected", [("llama3_8b", "root"), ("smollm2_135m", "widest"),
                                                 ("tiny_llama", "widest")])
 def test_ats_stats_at_defaults_per_backbone(backbone, expected):
-    from msl_rec.models.module import build_loss
-
+    """``loss.stats_at: null`` is the backbone's ``ats_stats_at``, resolved in one place (loss_settings),
+    not by a cross-group interpolation in the loss config; an explicit value wins."""
     cfg = _compose(f"backbone={backbone}", "loss=msl_ats")
-    assert cfg.loss.stats_at == expected
-    assert build_loss(OmegaConf.to_container(cfg.loss, resolve=True)).stats_at == expected
-    assert _compose(f"backbone={backbone}", "loss=msl_ats", "loss.stats_at=root").loss.stats_at == "root"
+    assert cfg.loss.stats_at is None  # the loss config does not read the backbone's node
+    assert loss_settings(cfg.loss, cfg.backbone)["stats_at"] == expected
+    assert build_loss(cfg.loss, cfg.backbone).stats_at == expected
+    explicit = _compose(f"backbone={backbone}", "loss=msl_ats", "loss.stats_at=root")
+    assert build_loss(explicit.loss, explicit.backbone).stats_at == "root"
+    assert build_loss(cfg.loss).stats_at == "root"  # no backbone given: the released code's root
 
 
 def test_paper_inherits_hf_trainer_grad_norm_and_warmup_from_zero():

@@ -6,6 +6,7 @@ import math
 import re
 
 import pytest
+from hydra.errors import ConfigCompositionException
 
 from msl_rec.losses import LMLLoss, MSLATSLoss, MSLLoss, SDPOLoss
 
@@ -57,10 +58,16 @@ def test_good_settings_are_kept_as_numbers():
 
 
 def test_non_numeric_tau_from_the_command_line(compose_train):
-    """``msl-rec-train loss=msl loss.tau=abc`` stops building the module, naming the key."""
+    """``msl-rec-train loss=msl loss.tau=abc`` fails when the config is composed (the loss schema types
+    tau as a float), naming the key."""
+    with pytest.raises(ConfigCompositionException) as err:
+        compose_train("loss=msl", "loss.tau=abc")
+    assert "loss.tau" in f"{err.value} {err.value.__cause__}"
+
+
+def test_out_of_range_tau_from_the_command_line_names_the_key(compose_train):
+    """What a type cannot express (tau > 0) is the loss's own check, when the run builds it."""
     from msl_rec.train import train
 
-    cfg = compose_train("loss=msl", "loss.tau=abc")
-    assert cfg.loss.tau == "abc"  # Hydra hands the string through
-    with pytest.raises(ValueError, match=re.escape("loss.tau='abc': must be a number")):
-        train(cfg)
+    with pytest.raises(ValueError, match=re.escape("loss.tau=-1.0: must be > 0")):
+        train(compose_train("loss=msl", "loss.tau=-1"))

@@ -1,12 +1,16 @@
 """Optimiser and learning-rate schedule of a RecLitModule (``optim`` config node).
 
-AdamW over the trainable (LoRA) parameters; the schedule is transformers' own, as the HF Trainer
+The optimizer is the ``optim`` node's ``_target_`` (``torch.optim.AdamW``, allowlisted) built by
+``hydra.utils.instantiate`` as a partial over the trainable (LoRA) parameters; the schedule keys
+(:data:`SCHEDULE_KEYS`) sit beside its arguments. The schedule is transformers' own, as the HF Trainer
 the paper used: linear warm-up from 0 over ``warmup_steps`` optimiser steps (factor
 ``step / warmup_steps``, so the first step runs at lr 0), then ``linear`` decay to 0 at the last
 step (``get_linear_schedule_with_warmup``) or ``constant`` (``get_constant_schedule_with_warmup``).
 
-Settings are checked when the optimiser is built (:func:`optim_settings`), each error naming its
-``optim.`` key; a warm-up as long as the run or longer is capped (:func:`capped_warmup`).
+Types are the schema's (msl_rec/utils/schema.py ``OptimConfig``, checked at compose); the values a
+type cannot express are checked when the optimiser is built (:func:`optim_settings`), each error
+naming its ``optim.`` key; a warm-up as long as the run or longer is capped (:func:`capped_warmup`).
+A checkpoint saved before ``optim`` had a ``_target_`` builds AdamW.
 """
 
 from __future__ import annotations
@@ -16,18 +20,25 @@ from collections.abc import Iterable, Mapping
 from typing import Any
 
 import torch
+from hydra.utils import instantiate
+from transformers import get_constant_schedule_with_warmup, get_linear_schedule_with_warmup
 
 from msl_rec.losses.base import checked_number
+from msl_rec.utils.config import plain
+from msl_rec.utils.registry import check_targets
 
 log = logging.getLogger(__name__)
 
 SCHEDULES = ("linear", "constant")
+DEFAULT_OPTIMIZER = "torch.optim.AdamW"
+SCHEDULE_KEYS = ("warmup_steps", "schedule", "global_batch_size")
+"""``optim`` keys that are not the optimizer's arguments (the schedule, and the batch the trainer accumulates)."""
 # share of the run's optimiser steps a too-long warm-up is capped to: the warm-up ratio HF recipes commonly use
 WARMUP_CAP_FRACTION = 0.1
 
 
 def optim_settings(optim: Mapping[str, Any]) -> dict[str, Any]:
-    """The ``optim`` node's settings with defaults, checked; errors name the key.
+    """The ``optim`` node's settings with defaults, value-checked; errors name the key.
 
     ``lr`` (1e-4) > 0, ``weight_decay`` (0) >= 0, ``betas`` ((0.9, 0.999)) two numbers in [0, 1),
     ``warmup_steps`` (20) a whole number >= 0, ``schedule`` (linear) one of :data:`SCHEDULES`.
@@ -49,9 +60,18 @@ def optim_settings(optim: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def build_optimizer(params: Iterable[torch.nn.Parameter], optim: Mapping[str, Any]) -> torch.optim.Optimizer:
-    """AdamW with ``lr`` (1e-4), ``weight_decay`` (0) and ``betas`` ((0.9, 0.999)), checked."""
+    """The optimizer ``optim`` names (``_target_``, default AdamW) over ``params``: its arguments
+    (every key but ``_target_``, ``_partial_`` and :data:`SCHEDULE_KEYS`) with ``lr``, ``weight_decay``
+    and ``betas`` checked by :func:`optim_settings`, built as a partial by ``hydra.utils.instantiate``
+    after the target is checked against the allowlist."""
+    optim = dict(plain(optim))
     s = optim_settings(optim)
-    return torch.optim.AdamW(list(params), lr=s["lr"], weight_decay=s["weight_decay"], betas=s["betas"])
+    node = {k: v for k, v in optim.items() if k not in SCHEDULE_KEYS and k not in ("_target_", "_partial_")}
+    node.update(_target_=optim.get("_target_") or DEFAULT_OPTIMIZER, _partial_=True, lr=s["lr"],
+                weight_decay=s["weight_decay"], betas=s["betas"])
+    check_targets(node, source="optim config", prefix="optim.")
+    make = instantiate(node, _convert_="all")
+    return make(list(params))
 
 
 def capped_warmup(warmup_steps: int, total_steps: int | None) -> int:
@@ -79,8 +99,6 @@ def build_lr_schedule(optimizer: torch.optim.Optimizer, optim: Mapping[str, Any]
     """Per-optimiser-step schedule over a run of ``total_steps`` optimiser steps, the warm-up capped
     by :func:`capped_warmup`. ``total_steps`` None (unknown): ``linear`` decays nowhere and behaves
     as ``constant`` after the warm-up."""
-    from transformers import get_constant_schedule_with_warmup, get_linear_schedule_with_warmup
-
     s = optim_settings(optim)
     warmup = capped_warmup(s["warmup_steps"], total_steps)
     if s["schedule"] == "linear" and total_steps is not None:

@@ -1,0 +1,29 @@
+"""Build a run's data side from its config: tokenizer, item catalog and data module.
+
+The ``data`` and ``dataset`` nodes are typed (msl_rec/utils/schema.py ``DataConfig``, ``DatasetConfig``):
+a batch size that is not a whole number fails when the config is composed; the data module checks the
+values a type cannot express (row counts >= 1).
+"""
+
+from __future__ import annotations
+
+from omegaconf import DictConfig
+
+from msl_rec.data.catalog import ItemCatalog
+from msl_rec.data.datamodule import RecDataModule
+from msl_rec.data.io import dataset_file
+from msl_rec.data.tokenizers import load_tokenizer
+
+
+def build_data(cfg: DictConfig, num_negatives: int = 0):
+    """Tokenizer, item catalog and data module for ``cfg.dataset`` and ``cfg.backbone``."""
+    dataset_file(cfg.dataset, "item_file")  # a dataset not built yet: an error naming the command that builds it
+    tokenizer = load_tokenizer(cfg.backbone.tokenizer)
+    catalog = ItemCatalog.from_file(cfg.dataset.item_file, tokenizer, allow_empty_titles=cfg.dataset.allow_empty_titles)
+    d = cfg.data
+    dm = RecDataModule(cfg.dataset, tokenizer, catalog, micro_batch_size=d.micro_batch_size,
+                       eval_batch_size=d.eval_batch_size, train_subset=d.train_subset, valid_subset=d.valid_subset,
+                       test_subset=d.test_subset, num_negatives=num_negatives, fixed_negatives=d.fixed_negatives,
+                       seed=cfg.seed, num_workers=d.num_workers, sample=d.sample,
+                       bucket_by_length=d.bucket_by_length)
+    return tokenizer, catalog, dm
