@@ -35,7 +35,7 @@ class LogitProbe(L.Callback):
         out = {"trained": trainer.strategy.model(ids, am).float().cpu()}
         copy = getattr(pl_module, "_decoding_copy", None)
         if copy is not None and copy.model is not None:
-            from msl_rec.models.backbone import backbone_body, output_weight, position_ids_from_mask
+            from msl_rec.models.inference import backbone_body, output_weight, position_ids_from_mask
 
             h = backbone_body(copy.model)(input_ids=ids, attention_mask=am, position_ids=position_ids_from_mask(am),
                                           use_cache=False).last_hidden_state

@@ -19,8 +19,11 @@ def test_auto_precision_follows_cpu_bf16_support(monkeypatch, native):
     cpu = OmegaConf.create({"accelerator": "cpu", "precision": None})
     assert trainer_precision(cpu) == ("bf16-mixed" if native else "32-true")
     assert precision.auto_dtype("cpu") == (torch.bfloat16 if native else torch.float32)
-    # an explicit precision always wins
-    assert trainer_precision(OmegaConf.create({"accelerator": "cpu", "precision": "32-true"})) == "32-true"
+    # an explicit precision always wins: the one the automatic choice would NOT pick on this CPU (the old check
+    # asked for 32-true, which a CPU without native bf16 picks anyway, so it held whatever the code did)
+    explicit = "32-true" if native else "bf16-mixed"
+    assert trainer_precision(OmegaConf.create({"accelerator": "cpu", "precision": explicit})) == explicit
+    assert explicit != trainer_precision(cpu)
 
 
 def _cpu_flags() -> set[str]:

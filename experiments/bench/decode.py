@@ -31,7 +31,7 @@ def books_prompts(n_users: int):
     from msl_rec.data.catalog import ItemCatalog, load_titles
     from msl_rec.data.io import read_samples
     from msl_rec.data.prompts import PromptBuilder
-    from msl_rec.models.tokenizers import load_gguf_tokenizer
+    from msl_rec.data.tokenizers import load_gguf_tokenizer
 
     tok = load_gguf_tokenizer()
     titles = load_titles(BOOKS / "id2name4Rec.json", allow_empty_titles=True)
@@ -45,7 +45,7 @@ def setup(n_users: int):
     import torch
     from transformers import AutoModelForCausalLM
 
-    from msl_rec.models.tokenizers import smollm2_gguf_path
+    from msl_rec.data.tokenizers import smollm2_gguf_path
 
     torch.set_num_threads(THREADS)
     catalog, samples, prompts = books_prompts(n_users)
@@ -68,19 +68,21 @@ def run_ours(shared_prompt: bool | None = None) -> dict:
     import torch
 
     from msl_rec.decoding import ConstrainedBeamSearch
+    from msl_rec.models.inference import CausalLMInference
 
     model, catalog, batches = setup(OURS_USERS)
     dec = ConstrainedBeamSearch(catalog, num_beams=NUM_BEAMS, mask="before", max_new_tokens=MAX_NEW,
                                 shared_prompt=shared_prompt)
     with torch.no_grad():
         t0 = time.perf_counter()
+        lm = CausalLMInference(shared_prompt=shared_prompt).bind(model)
         for b in batches:
-            dec.rank(model, b)
+            dec.rank(lm, b)
         secs = time.perf_counter() - t0
         after = ConstrainedBeamSearch(catalog, num_beams=NUM_BEAMS, mask="after", max_new_tokens=MAX_NEW,
                                       shared_prompt=shared_prompt)
         # the transformers side runs the last HF_USERS users (setup takes the last rows of valid.csv)
-        cbs = [r for b in batches[len(batches) - HF_USERS // BATCH:] for r in after.rank(model, b)]
+        cbs = [r for b in batches[len(batches) - HF_USERS // BATCH:] for r in after.rank(lm, b)]
     return {"secs_per_user": secs / OURS_USERS, "users": OURS_USERS,
             "cbs_titles": [[s for s, _ in r] for r in cbs], "cbs_scores": [[sc for _, sc in r] for r in cbs]}
 

@@ -27,7 +27,16 @@ import torch
 
 from experiments.bench.decode import MAX_NEW, NUM_BEAMS, books_prompts
 from msl_rec.decoding import ConstrainedBeamSearch
+from msl_rec.models.inference import CausalLMInference, preamble_len
 from msl_rec.utils.precision import cpu_supports_bf16
+
+_INFERENCE: dict[int, CausalLMInference] = {}  # one inference state (model copy, preamble KV) per decoder
+
+
+def rank(dec, model, batch: dict) -> list:
+    """``dec``'s rankings through the inference layer configured by its dtype / preamble settings."""
+    inference = _INFERENCE.setdefault(id(dec), CausalLMInference(dec.dtype, dec.shared_prompt, dec.share_preamble))
+    return dec.rank(inference.bind(model), batch)
 
 
 def load(n_users: int):
@@ -51,7 +60,7 @@ def timed_rank(dec, model, prompts, batch: int) -> tuple[float, list]:
     t0, out = time.perf_counter(), []
     with torch.no_grad():
         for i in range(0, len(prompts), batch):
-            out += dec.rank(model, batch_of(prompts[i:i + batch]))
+            out += rank(dec, model, batch_of(prompts[i:i + batch]))
     return time.perf_counter() - t0, out
 
 
@@ -59,16 +68,16 @@ def preamble_share(model, catalog, prompts, batch: int) -> tuple[int, float]:
     """(preamble tokens, share of the prefill time it takes when every prompt is prefilled whole)."""
     dec = ConstrainedBeamSearch(catalog, num_beams=NUM_BEAMS, max_new_tokens=1, share_preamble=True)
     b = batch_of(prompts[:batch])
-    n_pre = dec._preamble_len(b["prompt_input_ids"].numpy(), b["prompt_attention_mask"].numpy())
+    n_pre = preamble_len([p for p in prompts[:batch]])
     plain = ConstrainedBeamSearch(catalog, num_beams=NUM_BEAMS, max_new_tokens=1, share_preamble=False)
     with torch.no_grad():
-        dec.rank(model, b)  # computes and caches the preamble
+        rank(dec, model, b)  # computes and caches the preamble
         t_full = t_rest = 0.0
         for _ in range(3):  # max_new_tokens=1: prefill plus one candidate scoring, interleaved
             t0 = time.perf_counter()
-            plain.rank(model, b)
+            rank(plain, model, b)
             t1 = time.perf_counter()
-            dec.rank(model, b)
+            rank(dec, model, b)
             t_full, t_rest = t_full + t1 - t0, t_rest + time.perf_counter() - t1
     return n_pre, 1 - t_rest / t_full
 

@@ -207,6 +207,15 @@ class ItemCatalog:
     def fanout(self, node: int) -> int:
         return int(self._fanout[node])
 
+    def children_csr(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """The whole trie in CSR form, read-only views ``(ptr, child_tok, child_node)``: node ``n``'s
+        children are ``child_tok[ptr[n]:ptr[n + 1]]`` (sorted token ids) leading to the same slice of
+        ``child_node``. For vectorised search over many nodes at once (beam search)."""
+        views = [a.view() for a in (self._ptr, self._child_tok, self._child_node)]
+        for a in views:
+            a.flags.writeable = False
+        return views[0], views[1], views[2]
+
     def node_of(self, prefix: Sequence[int]) -> int | None:
         """Node id of a token prefix, or None if no sequence starts with it."""
         if len(prefix) == 0:

@@ -345,6 +345,12 @@ class RecDataModule(L.LightningDataModule):
         self.datasets[split] = ds
         return ds
 
+    @property
+    def prompt_preamble(self) -> list[int]:
+        """The token ids every prompt starts with (:meth:`PromptBuilder.preamble_ids`): evaluation
+        computes their KV once and starts each prompt from it."""
+        return self.builder.preamble_ids()
+
     def setup(self, stage: str | None = None) -> None:
         if stage in (None, "fit"):
             train = self._load("train")

@@ -65,6 +65,17 @@ class PromptBuilder:
         body = self.input_prefix + format_history([self.titles[i] for i in history]) + INPUT_SUFFIX
         return self.template.format(instruction=self.instruction, input=body)
 
+    def preamble_ids(self) -> list[int]:
+        """The token ids every prompt of this builder starts with (the template's header, the
+        instruction and the input prefix, with the tokenizer's special tokens): the common prefix of
+        two prompts whose histories differ from their first character on. A prompt left-truncated to
+        fit ``cutoff_len`` may not start with all of it (the inference layer checks each prompt)."""
+        a, b = self._encode([self.template.format(instruction=self.instruction,
+                                                  input=self.input_prefix + format_history([t]) + INPUT_SUFFIX)
+                             for t in ("A", "z")])
+        n = next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
+        return a[:n]
+
     def _encode(self, texts: list[str], add_special_tokens: bool = True) -> list[list[int]]:
         return [list(ids) for ids in self.tokenizer(texts, add_special_tokens=add_special_tokens)["input_ids"]]
 

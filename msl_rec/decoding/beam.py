@@ -29,65 +29,38 @@ Differences from ``generate`` that do not change real results: transformers pads
 ``-1e9``-scored dummy beams (and may return them when fewer than ``K`` titles finish); here a user
 just has fewer beams. Beams cut off by ``max_new_tokens`` are not returned (they are no title).
 
-Efficiency: the left-padded prompts are run once (``logits_to_keep=1``), and every step feeds one
-token per live beam (rows can grow from ``B`` to ``B*K`` and shrink as users finish). For
-LLaMA-family models (``shared_prompt=None``/``True``) the prompt KV is kept once per user and read in
-place by all of the user's beams through a custom attention function
-(:mod:`msl_rec.decoding.prefix_attention`); only the beams' generated KV (at most ``max_new_tokens``
-tokens) is re-gathered per step, and with ``mask="before"`` the output layer is evaluated for the
-valid tokens only. Otherwise (``shared_prompt=False`` or another architecture) the full KV cache
-rows are re-gathered per step with ``Cache.reorder_cache``. For ``mask="before"`` only the valid
-tokens' logits are normalised.
+Search only: every model computation comes from the inference runner it is handed (``lm``, a
+:class:`msl_rec.models.inference.LMRunner`): ``lm.encode_prompts`` (each user's prompt KV, once),
+``lm.beam_rows(prompts)`` (rows continuing it one token each, ``log_probs`` of candidate tokens and
+``advance``). Every step feeds one token per live beam (rows can grow from ``B`` to ``B*K`` and shrink
+as users finish); the trie is read through ``catalog.children_csr()``.
 """
 
 from __future__ import annotations
 
-import inspect
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
 import torch
-from transformers import DynamicCache
 
-from msl_rec.decoding import prefix_attention
 from msl_rec.decoding.base import Decoder, Ranking
-from msl_rec.utils.precision import ModelCopies, autocast_off, eval_dtype, weights_version
+from msl_rec.utils.precision import eval_dtype
 
 MASK_MODES = ("before", "after")
-SHARED_PROMPT_MODELS = ("llama",)  # attention = rotary + (GQA) softmax(q k^T * scaling) v, no sliding window
 EARLY_STOPPING = (False, True, "never")
-MIN_PREAMBLE = 8  # a shorter shared prompt start is not worth its own forward pass
 
 
 @dataclass
 class _Beams:
-    """The live search state. Rows (beams) are grouped by user, best first."""
+    """The live search state (host side). Rows (beams) are grouped by user, best first."""
 
     users: np.ndarray          # original batch index of each live user
     row_user: np.ndarray       # live-user index of each row
     nodes: np.ndarray          # trie node of each row
     scores: torch.Tensor       # (rows,) sum of log-probs so far
-    next_pos: torch.Tensor     # (rows,) position id of the row's next token
-    state: prefix_attention.PrefixState | None = None  # shared-prompt path
-    head: tuple | None = None  # (decoder, output weight) when only valid tokens' logits are needed
-    cache: object = None       # full-cache path: transformers cache and its 2-D mask
-    attn: torch.Tensor | None = None
-
-
-def _trie_arrays(catalog) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """CSR children of the catalog trie: ``(ptr, child_tok, child_node)``."""
-    if all(hasattr(catalog, a) for a in ("_ptr", "_child_tok", "_child_node")):
-        return catalog._ptr, catalog._child_tok, catalog._child_node
-    n = catalog.num_nodes  # generic path: walk the public children() interface once
-    toks, nodes, ptr = [], [], np.zeros(n + 1, dtype=np.int64)
-    for node in range(n):
-        t, c = catalog.children(node)
-        toks.append(np.asarray(t, dtype=np.int64))
-        nodes.append(np.asarray(c, dtype=np.int64))
-        ptr[node + 1] = ptr[node] + len(t)
-    return ptr, np.concatenate(toks), np.concatenate(nodes)
+    rows: object               # the runner's BeamRows: the model side of the rows
 
 
 class ConstrainedBeamSearch(Decoder):
@@ -102,7 +75,7 @@ class ConstrainedBeamSearch(Decoder):
         early_stopping: transformers' ``early_stopping`` (False, True or "never").
         top_k: the cut-offs the decoder is evaluated at; each must be <= ``num_beams``.
         shared_prompt: ``None`` (auto) reads each user's prompt KV in place from every beam through a
-            custom attention function (:mod:`msl_rec.decoding.prefix_attention`) for LLaMA-family
+            custom attention function (:mod:`msl_rec.models.prefix_attention`) for LLaMA-family
             models, else re-gathers a full KV cache per step; ``True`` / ``False`` force either path.
         dtype: the weights' dtype during decoding, ``"float32"`` (the default and the configs': the same
             rankings on every machine) or ``"bfloat16"`` (an explicit, faster choice where bf16 is
@@ -113,6 +86,10 @@ class ConstrainedBeamSearch(Decoder):
             :attr:`compute_dtype` says which was used.
         share_preamble: compute the prompt start every user of a batch shares (the Alpaca header and
             instruction) once per weights version and reuse its KV for every batch.
+
+    ``dtype``, ``shared_prompt`` and ``share_preamble`` are settings of the inference runner the
+    search is handed (:class:`msl_rec.models.inference.CausalLMInference`, built from them by
+    :class:`msl_rec.evaluation.predict.BatchPredictor`); the search itself never touches the model.
     """
 
     needs_model = True
@@ -125,7 +102,7 @@ class ConstrainedBeamSearch(Decoder):
             raise ValueError(f"decoder.mask must be one of {MASK_MODES}, got {mask!r}")
         if early_stopping not in EARLY_STOPPING:
             raise ValueError(f"decoder.early_stopping must be one of {EARLY_STOPPING}, got {early_stopping!r}")
-        self._torch_dtype = eval_dtype(dtype, "decoder.dtype")
+        eval_dtype(dtype, "decoder.dtype")  # dtype=auto (machine-dependent metrics) is an error here already
         if num_beams < 1 or max_new_tokens < 1:
             raise ValueError("decoder.num_beams and decoder.max_new_tokens must be >= 1")
         self.top_k = tuple(int(k) for k in top_k)
@@ -140,10 +117,8 @@ class ConstrainedBeamSearch(Decoder):
         self.shared_prompt = shared_prompt
         self.dtype = dtype
         self.share_preamble = bool(share_preamble)
-        self.copies = ModelCopies()  # the model in self.dtype; shared with the target scorer
-        self._preamble = None   # (weights version, tokens, per-layer (k, v))
         self.eos_id = int(catalog.eos_id)
-        self._ptr, self._child_tok, self._child_node = _trie_arrays(catalog)
+        self._ptr, self._child_tok, self._child_node = catalog.children_csr()
         self._fanout = np.diff(self._ptr)
 
     def __repr__(self) -> str:
@@ -157,167 +132,31 @@ class ConstrainedBeamSearch(Decoder):
         beside the metrics. Logits, log-softmax and beam scores are fp32 in both."""
         return self.dtype
 
-    # ------------------------------------------------------------------ model calls
-    @staticmethod
-    def _logits_kwargs(model) -> dict:
-        """Asks for the last position's logits only where the model supports it."""
-        base = model.get_base_model() if hasattr(model, "get_base_model") else model  # peft wrapper
-        return {"logits_to_keep": 1} if "logits_to_keep" in inspect.signature(base.forward).parameters else {}
-
-    def _step_log_probs(self, logits: torch.Tensor, rows: torch.Tensor, toks: torch.Tensor,
-                        n_rows: int) -> torch.Tensor:
-        """Log-probability of each candidate (row, token) under the chosen masking."""
-        if self.mask == "after":
-            return torch.log_softmax(logits, dim=-1)[rows, toks]
-        if isinstance(logits, tuple):  # (hidden (n_rows, D), output weight (V, D)): candidates only
-            hidden, weight = logits
-            sel = (hidden.float()[rows] * weight[toks].float()).sum(-1)
-        else:
-            sel = logits[rows, toks]
-        row_max = torch.full((n_rows,), -math.inf, dtype=sel.dtype, device=sel.device)
-        row_max = row_max.scatter_reduce(0, rows, sel, reduce="amax")
-        sums = torch.zeros(n_rows, dtype=sel.dtype, device=sel.device).index_add_(0, rows, torch.exp(sel - row_max[rows]))
-        return sel - (row_max + torch.log(sums))[rows]
-
-    @staticmethod
-    def _attn_configs(model) -> list | None:
-        """The configs whose ``_attn_implementation`` the attention layers read, if the model is a
-        LLaMA-family one the shared-prompt attention supports (else ``None``)."""
-        base = model.get_base_model() if hasattr(model, "get_base_model") else model  # peft wrapper
-        cfg = getattr(base, "config", None)
-        if getattr(cfg, "model_type", None) not in SHARED_PROMPT_MODELS:
-            return None
-        attn = [m for m in base.modules() if type(m).__name__.endswith("Attention") and hasattr(m, "layer_idx")]
-        if not attn or len(attn) != cfg.num_hidden_layers:
-            return None
-        configs = {id(cfg): cfg}
-        for m in attn:
-            configs.setdefault(id(m.config), m.config)
-        return list(configs.values())
-
-    @staticmethod
-    def _plain_head(model):
-        """``(decoder, weight)`` when logits are exactly ``decoder(...).last_hidden_state @ weight.T``
-        (a LLaMA ``*ForCausalLM`` with a plain bias-free ``nn.Linear`` head), else ``None``."""
-        base = model.get_base_model() if hasattr(model, "get_base_model") else model
-        decoder, head = getattr(base, "model", None), getattr(base, "lm_head", None)
-        if type(head) is not torch.nn.Linear or head.bias is not None or decoder is None:
-            return None
-        if getattr(base.config, "final_logit_softcapping", None) or getattr(base.config, "logit_scale", None):
-            return None
-        return decoder, head.weight
-
-    # ------------------------------------------------------------------ model state caches
-    def _preamble_len(self, ids: np.ndarray, attn: np.ndarray) -> int:
-        """Length of the prompt start every user in the batch shares (0 if < ``MIN_PREAMBLE`` tokens).
-
-        At least one token per user is left out of it, so every user's last prompt position is in
-        the batch's own forward pass. ``0`` unless the prompts are left-padded."""
-        lengths = attn.sum(1)
-        width = attn.shape[1]
-        if not (attn == (np.arange(width)[None, :] >= (width - lengths)[:, None])).all():
-            return 0  # not left-padded (or holes): no shared positions
-        m = int(lengths.min()) - 1
-        if m < MIN_PREAMBLE:
-            return 0
-        starts = width - lengths
-        heads = ids[np.arange(len(ids))[:, None], starts[:, None] + np.arange(m)]  # (B, m) real tokens
-        same = (heads == heads[:1]).all(0)
-        n = m if same.all() else int(np.argmin(same))
-        return n if n >= MIN_PREAMBLE else 0
-
-    def _preamble_kv(self, model, tokens: np.ndarray, version: tuple) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        """Per layer ``(k, v)`` of shape ``(1, Hkv, P, d)`` for the prompt start ``tokens`` (positions
-        ``0..P-1``), computed once per weights version. A cached longer or shorter start with the same
-        first tokens is sliced (causal attention: the KV of a prefix does not depend on what follows)."""
-        n = len(tokens)
-        if self._preamble is not None and self._preamble[0] == version:
-            cached = self._preamble[1]
-            m = min(n, len(cached))
-            m = m if (cached[:m] == tokens[:m]).all() else int(np.argmin(cached[:m] == tokens[:m]))
-            if m == n:
-                return [(k[:, :, :n], v[:, :, :n]) for k, v in self._preamble[2]]
-        device = next(model.parameters()).device
-        ids = torch.from_numpy(tokens).to(device)[None]
-        out = model(input_ids=ids, position_ids=torch.arange(n, device=device)[None], use_cache=True,
-                    **self._logits_kwargs(model))
-        kv = [(layer.keys, layer.values) for layer in out.past_key_values.layers]
-        self._preamble = (version, tokens.copy(), kv)
-        return kv
-
     # ------------------------------------------------------------------ search
-    @torch.no_grad()
-    def rank(self, model, batch: Mapping[str, torch.Tensor]) -> list[Ranking]:
-        with autocast_off(next(model.parameters()).device):  # compute_dtype, not autocast's
-            return self._rank(model, batch)
+    def rank(self, lm, batch: Mapping[str, torch.Tensor]) -> list[Ranking]:
+        """Rank ``batch``'s users (its ``prompt_input_ids`` / ``prompt_attention_mask``) with the
+        inference runner ``lm`` (``CausalLMInference(...).bind(model)``; the evaluation's
+        ``BatchPredictor`` builds it from this decoder's ``dtype``/``shared_prompt``/``share_preamble``)."""
+        if not hasattr(lm, "encode_prompts"):
+            raise TypeError(f"{type(self).__name__}.rank needs an inference runner, got {type(lm).__name__}: use "
+                            "msl_rec.evaluation.predict.BatchPredictor(decoder, catalog).predict(model, batch), or "
+                            "CausalLMInference(dtype=...).bind(model) from msl_rec.models.inference")
+        return self.search(lm, lm.encode_prompts(batch["prompt_input_ids"], batch["prompt_attention_mask"]))
 
-    def _rank(self, model, batch: Mapping[str, torch.Tensor]) -> list[Ranking]:
-        version = weights_version(model)
-        model = self.copies.get(model, self._torch_dtype, version)
-        configs = self._attn_configs(model) if self.shared_prompt is not False else None
-        if self.shared_prompt and configs is None:
-            raise ValueError("decoder.shared_prompt=True needs a LLaMA-family model "
-                             f"({', '.join(SHARED_PROMPT_MODELS)})")
-        logits, beams = self._prefill(model, batch, configs is not None, version)
-        if beams.state is not None:
-            prefix_attention.register()
-            saved = [c._attn_implementation for c in configs]
-            for c in configs:
-                c._attn_implementation = prefix_attention.IMPL  # position id of the next token, per row
-        try:
-            return self._search(model, logits, beams)
-        finally:
-            if beams.state is not None:
-                for c, impl in zip(configs, saved):
-                    c._attn_implementation = impl
-
-    def _prefill(self, model, batch, shared_prompt: bool, version: tuple) -> tuple[torch.Tensor, _Beams]:
-        """Run the left-padded prompts once; return the last positions' logits ``(B, V)`` (fp32) and
-        the beams' start state. With ``share_preamble`` the prompt start all users share is taken
-        from :meth:`_preamble_kv` and only the rest of each prompt runs here; its KV then sits
-        before the (re-padded) rest, which attention does not mind (positions come from the ids,
-        padding from the mask)."""
-        device = next(model.parameters()).device
-        ids = batch["prompt_input_ids"].to(device)
-        attn = batch["prompt_attention_mask"].to(device).long()
-        pos = (attn.cumsum(-1) - 1).clamp(min=0)
-        n_pre = self._preamble_len(ids.cpu().numpy(), attn.cpu().numpy()) if self.share_preamble else 0
-        kwargs = {}
-        if n_pre:
-            n = len(ids)
-            first = int(attn.shape[1] - attn.sum(1)[0])
-            pre = self._preamble_kv(model, ids[0, first:first + n_pre].cpu().numpy(), version)
-            rest = attn * (attn.cumsum(-1) > n_pre)  # the first n_pre real tokens -> padding
-            ids, pos = ids[:, n_pre:], pos[:, n_pre:]
-            attn = torch.cat([attn.new_ones(n, n_pre), rest[:, n_pre:]], dim=1)
-            kwargs["past_key_values"] = DynamicCache([(k.expand(n, -1, -1, -1), v.expand(n, -1, -1, -1))
-                                                      for k, v in pre])
-        out = model(input_ids=ids, attention_mask=attn, position_ids=pos, use_cache=True,
-                    **kwargs, **self._logits_kwargs(model))
-        cache = out.past_key_values
-        logits = out.logits[:, -1, :].float()
-        del out
-        n_users = len(logits)
+    def search(self, lm, prompts) -> list[Ranking]:
+        """The beam steps (module docstring, rules 1-4) over encoded prompts (``lm.encode_prompts``);
+        one device->host copy per step (the top candidates), everything else on the host is
+        bookkeeping over trie arrays."""
+        K, n_users = self.num_beams, len(prompts)
+        rows = lm.beam_rows(prompts)
         beams = _Beams(users=np.arange(n_users), row_user=np.arange(n_users), nodes=np.zeros(n_users, dtype=np.int64),
-                       scores=torch.zeros(n_users, device=device), next_pos=pos[:, -1] + 1)
-        if shared_prompt:  # prompt KV kept once per user; generated KV per beam row
-            beams.state = prefix_attention.PrefixState([(layer.keys, layer.values) for layer in cache.layers], attn)
-            beams.head = self._plain_head(model) if self.mask == "before" else None
-        else:
-            beams.cache, beams.attn = cache, attn
-        return logits, beams
-
-    def _search(self, model, logits: torch.Tensor, beams: _Beams) -> list[Ranking]:
-        """The beam steps (module docstring, rules 1-4); one device->host copy per step (the top
-        candidates), everything else on the host is bookkeeping over trie arrays."""
-        K = self.num_beams
-        finished: list[list[tuple[float, int]]] = [[] for _ in range(len(beams.users))]
+                       scores=torch.zeros(n_users, device=rows.device), rows=rows)
+        finished: list[list[tuple[float, int]]] = [[] for _ in range(n_users)]
         for step in range(self.max_new_tokens):
             gen_len = step + 1
             cand_row, cand_tok, cand_node = self._candidates(beams.nodes)
             t_row = torch.from_numpy(cand_row).to(beams.scores.device)
-            cand_score = beams.scores[t_row] + self._step_log_probs(
-                logits, t_row, torch.from_numpy(cand_tok).to(t_row.device), len(beams.nodes))
+            cand_score = beams.scores[t_row] + rows.log_probs(cand_row, cand_tok, renormalize=self.mask == "before")
             top_val, flat = self._top_per_user(cand_score, beams.row_user[cand_row], len(beams.users))
             valid = np.isfinite(top_val)
             is_eos = valid & (cand_tok[flat] == self.eos_id)
@@ -330,7 +169,7 @@ class ConstrainedBeamSearch(Decoder):
             cont &= self._users_going_on(finished, beams.users, top_val, cont, gen_len)[:, None]
             if not cont.any():
                 break
-            logits = self._advance(model, beams, cont, top_val, flat, cand_row, cand_tok, cand_node)
+            self._advance(beams, cont, top_val, flat, cand_row, cand_tok, cand_node)
         return [[(seq, score) for score, seq in sorted(h, key=lambda h: -h[0])] for h in finished]
 
     def _candidates(self, nodes: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -384,38 +223,13 @@ class ConstrainedBeamSearch(Decoder):
             keep[u] = best_running > min(h[0] for h in hyps)
         return keep
 
-    def _advance(self, model, beams: _Beams, cont, top_val, flat, cand_row, cand_tok, cand_node) -> torch.Tensor:
-        """Make the chosen candidates ``cont`` (U, 2K) the running beams, drop the users with none,
-        reorder the generated KV and run one token per beam. Returns the next logits (or, for the
-        output layer restricted to the valid tokens, ``(hidden, output weight)``)."""
-        device = beams.scores.device
+    def _advance(self, beams: _Beams, cont, top_val, flat, cand_row, cand_tok, cand_node) -> None:
+        """Make the chosen candidates ``cont`` (U, 2K) the running beams, drop the users with none and
+        run one token per beam."""
         keep_user = cont.any(axis=1)
         sel_user, sel_col = np.nonzero(cont)  # row-major: grouped by user, best first
         sel = flat[sel_user, sel_col]
-        if beams.state is not None and not keep_user.all():
-            beams.state.drop_users(torch.from_numpy(np.nonzero(keep_user)[0]).to(device))
         beams.users, beams.row_user = beams.users[keep_user], (np.cumsum(keep_user) - 1)[sel_user]
         beams.nodes = cand_node[sel]
-        beams.scores = torch.from_numpy(top_val[sel_user, sel_col]).to(device)
-        src = cand_row[sel]
-        t_src = torch.from_numpy(src).to(device)
-        pos = beams.next_pos[t_src]
-        beams.next_pos = pos + 1
-        step_ids = torch.from_numpy(cand_tok[sel]).to(device)[:, None]
-        if beams.state is None:  # full KV cache rows re-gathered
-            beams.cache.reorder_cache(t_src)
-            beams.attn = torch.cat([beams.attn[t_src], beams.attn.new_ones(len(sel), 1)], dim=1)
-            out = model(input_ids=step_ids, attention_mask=beams.attn, position_ids=pos[:, None],
-                        past_key_values=beams.cache, use_cache=True, **self._logits_kwargs(model))
-            beams.cache = out.past_key_values
-            return out.logits[:, -1, :].float()
-        beams.state.set_rows(beams.row_user, src, len(beams.users))
-        head = beams.head
-        if head is not None and int(self._fanout[beams.nodes].sum()) * 4 < len(sel) * head[1].shape[0]:
-            # only the valid tokens' logits are needed: skip the full-vocabulary output layer
-            hidden = head[0](input_ids=step_ids, position_ids=pos[:, None], use_cache=False,
-                             prefix_state=beams.state).last_hidden_state[:, -1, :]
-            return hidden, head[1]
-        out = model(input_ids=step_ids, position_ids=pos[:, None], use_cache=False, prefix_state=beams.state,
-                    **self._logits_kwargs(model))
-        return out.logits[:, -1, :].float()
+        beams.scores = torch.from_numpy(top_val[sel_user, sel_col]).to(beams.scores.device)
+        beams.rows.advance(keep_user, beams.row_user, cand_row[sel], cand_tok[sel])

@@ -17,12 +17,14 @@ __all__ = [
     "ats_root",
     "ats_temperature",
     "lml_loss",
+    "masked_logsumexp",
     "msl_alpha_loss",
     "msl_loss",
     "msl_loss_from_hidden",
     "positive_weight",
     "sdpo_loss",
     "sequence_logps",
+    "token_logps",
     "union_logits",
     "valid_probability",
 ]
@@ -59,13 +61,26 @@ def msl_loss(logits: torch.Tensor, labels: torch.Tensor, valid_ids: torch.Tensor
         valid_ids: (N, K) valid columns per row, padded with -1.
         tau: temperature (a float or a 0-d tensor).
     """
+    nll = -tau * token_logps(logits.float() / tau, labels, valid_ids)
+    return _masked_mean(nll, (valid_ids >= 0).sum(1) > 1)
+
+
+def masked_logsumexp(logits: torch.Tensor, valid_cols: torch.Tensor | None = None) -> torch.Tensor:
+    """(N,) float32 ``logsumexp`` of each row of ``logits`` (N, C) over its valid columns ``valid_cols``
+    (N, K), -1 padded; over every column when ``valid_cols`` is None (-inf entries count as absent).
+    The one masked log-softmax normaliser: losses, scoring and beam search all use it."""
     logits = logits.float()
-    valid = valid_ids >= 0
-    f_valid = logits.gather(1, valid_ids.clamp_min(0)) / tau
-    f_valid = f_valid.masked_fill(~valid, float("-inf"))
-    f_pos = logits.gather(1, labels.unsqueeze(1)).squeeze(1) / tau
-    nll = tau * (torch.logsumexp(f_valid, dim=1) - f_pos)
-    return _masked_mean(nll, valid.sum(1) > 1)
+    if valid_cols is None:
+        return torch.logsumexp(logits, dim=-1)
+    valid = valid_cols >= 0
+    return torch.logsumexp(logits.gather(1, valid_cols.clamp_min(0)).masked_fill(~valid, float("-inf")), dim=-1)
+
+
+def token_logps(logits: torch.Tensor, labels: torch.Tensor, valid_cols: torch.Tensor | None = None) -> torch.Tensor:
+    """(N,) float32 ``log softmax(logits)[label]``, the softmax over each row's valid columns
+    (``valid_cols`` (N, K), -1 padded; the label must be one of them) or the whole row (None)."""
+    logits = logits.float()
+    return logits.gather(1, labels.unsqueeze(1)).squeeze(1) - masked_logsumexp(logits, valid_cols)
 
 
 def union_logits(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor,
@@ -144,13 +159,7 @@ def positive_weight(logits: torch.Tensor, labels: torch.Tensor, valid_ids: torch
     union logits both work). MSL's w is never larger than LML's on the same logits (its denominator
     is a subset of the terms), which is the "vanishing gradient" the temperature counters.
     """
-    scaled = logits.float() / tau
-    if valid_ids is None:
-        lse = torch.logsumexp(scaled, dim=1)
-    else:
-        valid = valid_ids >= 0
-        lse = torch.logsumexp(scaled.gather(1, valid_ids.clamp_min(0)).masked_fill(~valid, float("-inf")), dim=1)
-    p = (scaled.gather(1, labels.unsqueeze(1)).squeeze(1) - lse).exp()
+    p = token_logps(logits.float() / tau, labels, valid_ids).exp()
     return (1.0 - p).clamp_min(0.0)
 
 
@@ -247,12 +256,27 @@ def sdpo_loss(policy_pos_logps: torch.Tensor, policy_neg_logps: torch.Tensor, re
 
 
 def sequence_logps(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, seq_index: torch.Tensor,
-                   num_sequences: int) -> torch.Tensor:
-    """(S,) log-probability of each response under the full-vocabulary softmax.
+                   num_sequences: int, valid_ids: torch.Tensor | None = None) -> torch.Tensor:
+    """(S,) float32 log-probability of each response: ``sum log softmax(hidden @ weight.T)[label]`` over
+    each sequence's response positions. The one sequence log-probability (S-DPO's policy and
+    reference, the evaluation's ``target_logp`` and sampled rank).
 
-    Sums ``log_softmax(hidden @ weight.T)[label]`` over each sequence's response positions.
+    Args:
+        hidden: (N, d) final hidden states of the positions predicting ``labels``.
+        weight: (V, d) output embedding.
+        labels: (N,) the response token each position predicts.
+        seq_index: (N,) sequence of each position, in 0..S-1.
+        valid_ids: (N, K) trie-valid token ids per position, -1 padded: the softmax runs over them
+            only (the union of the batch's valid ids is scored, never the whole vocabulary); None:
+            over the whole vocabulary.
     """
-    logits = (hidden @ weight.T).float()
-    token_logps = logits.gather(1, labels.unsqueeze(1)).squeeze(1) - torch.logsumexp(logits, dim=1)
-    out = torch.zeros(num_sequences, dtype=token_logps.dtype, device=token_logps.device)
-    return out.index_add(0, seq_index, token_logps)
+    if valid_ids is None:
+        logps = token_logps(hidden @ weight.T, labels)
+    else:
+        valid = valid_ids >= 0
+        if not bool((valid & (valid_ids == labels[:, None])).any(-1).all()):
+            raise ValueError("a response token is not among its position's valid_ids: catalog and batch disagree")
+        logits, label_cols, valid_cols = union_logits(hidden, weight, labels, valid_ids)
+        logps = token_logps(logits, label_cols, valid_cols)
+    out = torch.zeros(num_sequences, dtype=logps.dtype, device=logps.device)
+    return out.index_add(0, seq_index, logps)

@@ -19,6 +19,7 @@ from collections.abc import Callable, Mapping
 import torch
 from torch import nn
 
+from msl_rec.data.datamodule import IGNORE_INDEX, left_pad
 from msl_rec.losses.base import RecLoss, ResponseBatch, loss_setting
 from msl_rec.losses.functional import sdpo_loss, sequence_logps
 
@@ -67,15 +68,13 @@ def merge_negatives(batch: Mapping[str, torch.Tensor]) -> tuple[torch.Tensor, to
     left-padded to one length: ``S = B * (1 + n)`` rows."""
     ids, am, lab = batch["input_ids"], batch["attention_mask"], batch["labels"]
     nids, nam, nlab = batch["neg_input_ids"], batch["neg_attention_mask"], batch["neg_labels"]
-    T = max(ids.shape[1], nids.shape[1])
     pad_id = int(ids[am == 0][0]) if bool((am == 0).any()) else 0
 
-    def left_pad(x, value):
-        return torch.nn.functional.pad(x, (T - x.shape[1], 0), value=value)
+    def stacked(pos: torch.Tensor, neg: torch.Tensor, value: int) -> torch.Tensor:
+        # rows are already left-padded: padding the narrower side on the left keeps them so
+        return left_pad(pos.tolist() + neg.tolist(), value).to(pos.device)
 
-    return (torch.cat([left_pad(ids, pad_id), left_pad(nids, pad_id)]),
-            torch.cat([left_pad(am, 0), left_pad(nam, 0)]),
-            torch.cat([left_pad(lab, -100), left_pad(nlab, -100)]))
+    return stacked(ids, nids, pad_id), stacked(am, nam, 0), stacked(lab, nlab, IGNORE_INDEX)
 
 
 @torch.no_grad()

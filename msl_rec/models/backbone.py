@@ -14,16 +14,18 @@ Three sources, picked by ``source``:
 
 from __future__ import annotations
 
-import contextlib
 import os
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import torch
+from peft import LoraConfig, get_peft_model
 from torch import nn
+from transformers import AutoModelForCausalLM, BitsAndBytesConfig, LlamaConfig, LlamaForCausalLM
 
-from msl_rec.models.tokenizers import cache_dir, packaged_file
+from msl_rec.data.tokenizers import cache_dir, packaged_file
+from msl_rec.utils.config import plain
 
 _DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
            "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}
@@ -38,29 +40,13 @@ def _dtype(name: str | None) -> torch.dtype:
         raise ValueError(f"backbone.dtype: unknown dtype {name!r} ({', '.join(_DTYPES)})") from None
 
 
-def _plain(cfg: Any) -> dict:
-    """A DictConfig or Mapping as a plain dict (the module saves plain data only)."""
-    try:
-        from omegaconf import DictConfig, OmegaConf
-
-        if isinstance(cfg, DictConfig):
-            return OmegaConf.to_container(cfg, resolve=True)
-    except ImportError:  # pragma: no cover
-        pass
-    return dict(cfg)
-
-
 def llama_config(arch: Mapping[str, Any]):
     """A ``LlamaConfig`` from an ``arch`` node (hidden_size, num_hidden_layers, ... as in HF)."""
-    from transformers import LlamaConfig
-
     return LlamaConfig(**dict(arch))
 
 
 def gguf_model_dir(package: str, filename: str) -> Path:
     """Directory of the dequantised fp32 model for a packaged GGUF file, creating it on first use."""
-    from transformers import AutoModelForCausalLM
-
     source = packaged_file(package, filename)
     stat = source.stat()
     target = cache_dir() / "models" / f"{Path(filename).stem}-{stat.st_size}-{int(stat.st_mtime)}"
@@ -84,8 +70,6 @@ def gguf_model_dir(package: str, filename: str) -> Path:
 
 def load_base_model(cfg: Mapping[str, Any], on_meta: bool = False) -> nn.Module:
     """The causal LM without adapter. ``on_meta``: architecture from ``arch``, no weights."""
-    from transformers import AutoModelForCausalLM, LlamaForCausalLM
-
     source = cfg.get("source", "hub")
     dtype = _dtype(cfg.get("dtype"))
     if on_meta:
@@ -106,16 +90,12 @@ def load_base_model(cfg: Mapping[str, Any], on_meta: bool = False) -> nn.Module:
     if source == "hub":
         kwargs: dict[str, Any] = {"dtype": dtype}
         if cfg.get("load_in_8bit"):
-            from transformers import BitsAndBytesConfig
-
             kwargs["quantization_config"] = BitsAndBytesConfig(load_in_8bit=True)
         return AutoModelForCausalLM.from_pretrained(str(cfg["model"]), **kwargs)
     raise ValueError(f"backbone.source: unknown source {source!r} (gguf, random, hub)")
 
 
 def lora_config(lora: Mapping[str, Any]):
-    from peft import LoraConfig
-
     return LoraConfig(r=int(lora.get("r", 8)), lora_alpha=int(lora.get("alpha", 16)),
                       lora_dropout=float(lora.get("dropout", 0.05)),
                       target_modules=list(lora.get("target_modules", ["q_proj", "v_proj"])),
@@ -124,8 +104,6 @@ def lora_config(lora: Mapping[str, Any]):
 
 def attach_lora(base: nn.Module, lora: Mapping[str, Any]):
     """Wrap ``base`` in a fresh peft LoRA adapter (B = 0, so the output is unchanged)."""
-    from peft import get_peft_model
-
     return get_peft_model(base, lora_config(lora))
 
 
@@ -138,7 +116,7 @@ def build_backbone(cfg: Mapping[str, Any], on_meta: bool = False, merge_adapter:
     and uses it, adapter disabled, as its reference). Its keys and shapes must be those of an
     adapter built with ``cfg.lora``, else a ValueError naming ``merge_source`` (e.g. the file).
     """
-    cfg = _plain(cfg)
+    cfg = dict(plain(cfg))
     base = load_base_model(cfg, on_meta=on_meta)
     if cfg.get("gradient_checkpointing") and not on_meta:
         base.gradient_checkpointing_enable()
@@ -163,29 +141,6 @@ def build_backbone(cfg: Mapping[str, Any], on_meta: bool = False, merge_adapter:
     return attach_lora(base, lora)
 
 
-def backbone_body(model: nn.Module) -> nn.Module:
-    """The decoder stack (embeddings .. final norm) of a peft-wrapped causal LM, without lm_head."""
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    return base.get_decoder() if hasattr(base, "get_decoder") else base.model
-
-
-def output_weight(model: nn.Module) -> torch.Tensor:
-    """The (V, d) output embedding (lm_head) weight; tied to the input embedding for SmolLM2."""
-    return model.get_output_embeddings().weight
-
-
-def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
-    """Positions counted over real tokens only, so left padding does not shift the prompt."""
-    pos = attention_mask.long().cumsum(-1) - 1
-    return pos.clamp_min(0)
-
-
 def count_trainable(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters() if p.requires_grad)
 
-
-@contextlib.contextmanager
-def adapter_disabled(model: nn.Module):
-    """The base model (with any merged SFT adapter) for reference log-probs."""
-    with model.disable_adapter():
-        yield model

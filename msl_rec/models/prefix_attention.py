@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import numpy as np
 import torch
+from transformers import AttentionInterface
 
 IMPL = "msl_prefix_beam"
 _registered = False
@@ -32,8 +33,6 @@ def register() -> None:
     global _registered
     if _registered:
         return
-    from transformers import AttentionInterface
-
     AttentionInterface.register(IMPL, prefix_attention_forward)
     _registered = True
 

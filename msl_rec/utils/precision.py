@@ -5,13 +5,12 @@ Training may run in bf16 where the device computes it natively (:func:`auto_dtyp
 float32 unless a config asks for bfloat16 by name (``decoder.dtype=bfloat16``), so a metric or a
 ranking never depends on which CPU or GPU computed it. :func:`autocast_off` keeps an active autocast
 (Lightning's ``bf16-mixed`` wraps validation in one) from turning those float32 matmuls into bf16
-ones, and :class:`ModelCopies` holds the model in the dtype asked for.
+ones; :class:`msl_rec.models.inference.ModelCopies` holds the model in the dtype asked for.
 """
 
 from __future__ import annotations
 
 import contextlib
-import copy
 import functools
 
 import torch
@@ -73,33 +72,3 @@ def weights_version(model: torch.nn.Module) -> tuple:
     adapter switched on/off, train/eval mode."""
     adapters = tuple(bool(m.disable_adapters) for m in model.modules() if hasattr(m, "disable_adapters"))
     return (id(model), model.training, adapters, tuple((id(p), p._version) for p in model.parameters()))
-
-
-class ModelCopies:
-    """The model in a given dtype: the model itself when its weights already are, else a frozen copy
-    with any LoRA adapter merged, rebuilt when the weights change (:func:`weights_version`). The
-    training model is never cast in place. One copy per dtype is kept; a decoder and its target
-    scorer share one instance, so a bf16 backbone decoded and scored in float32 is copied once."""
-
-    def __init__(self):
-        self._copies: dict[torch.dtype, tuple[tuple, torch.nn.Module]] = {}
-
-    def get(self, model: torch.nn.Module, dtype: torch.dtype, version: tuple | None = None) -> torch.nn.Module:
-        if next(model.parameters()).dtype == dtype:
-            return model
-        version = weights_version(model) if version is None else version
-        held = self._copies.get(dtype)
-        if held is None or held[0] != version:
-            self._copies.pop(dtype, None)  # free the old copy first
-            frozen = copy.deepcopy(model)
-            if dtype == torch.float32:  # up-casting is exact: cast first, so the merge runs in float32
-                frozen = frozen.to(dtype)
-            if hasattr(frozen, "merge_and_unload"):  # down-casting: merged in float32, then one rounding
-                frozen = frozen.merge_and_unload()
-            self._copies[dtype] = (version, frozen.to(dtype).eval())
-        return self._copies[dtype][1]
-
-    def held(self, dtype: torch.dtype) -> torch.nn.Module | None:
-        """The copy currently held in ``dtype`` (None if none): for tests and memory checks."""
-        held = self._copies.get(dtype)
-        return None if held is None else held[1]

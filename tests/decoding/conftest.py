@@ -74,3 +74,14 @@ def make_batch(tokenizer, prompts: list[str], targets: list[int] | None = None) 
 @pytest.fixture
 def make_batch_fn(tokenizer):
     return lambda prompts, targets=None: make_batch(tokenizer, prompts, targets)
+
+
+def rank(decoder, model, batch: dict, inference=None) -> list:
+    """``decoder``'s rankings of ``batch`` with ``model``, through the inference layer configured as the
+    evaluation configures it (``decoder.dtype`` / ``shared_prompt`` / ``share_preamble``); pass
+    ``inference`` to keep its state (model copy, preamble KV) across calls."""
+    from msl_rec.models.inference import CausalLMInference
+
+    if inference is None:
+        inference = CausalLMInference(decoder.dtype, decoder.shared_prompt, decoder.share_preamble)
+    return decoder.rank(inference.bind(model), batch)

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from msl_rec.decoding import ConstrainedBeamSearch
+from tests.decoding.conftest import rank
 
 PROMPTS = ["hello there a", "my books", "i read dune and emma then"]
 
@@ -31,7 +32,7 @@ def brute_force_log_p_valid(model, tokenizer, catalog, prompt: str) -> dict[int,
 def test_masked_lp0_is_top_k_by_log_p_valid(tiny_model, tokenizer, catalog, make_batch_fn):
     n = len(catalog.sequences)
     dec = ConstrainedBeamSearch(catalog, num_beams=n, mask="before", length_penalty=0.0, max_new_tokens=32)
-    got = dec.rank(tiny_model, make_batch_fn(PROMPTS))
+    got = rank(dec, tiny_model, make_batch_fn(PROMPTS))
     for prompt, ranking in zip(PROMPTS, got):
         brute = brute_force_log_p_valid(tiny_model, tokenizer, catalog, prompt)
         expected = sorted(brute, key=lambda s: -brute[s])
@@ -76,7 +77,7 @@ def test_matches_transformers_generate(tiny_model, catalog, make_batch_fn, mask,
     batch = make_batch_fn(PROMPTS)
     dec = ConstrainedBeamSearch(catalog, num_beams=num_beams, mask=mask, length_penalty=length_penalty,
                                 max_new_tokens=32, top_k=[1])
-    got = dec.rank(tiny_model, batch)
+    got = rank(dec, tiny_model, batch)
     ref = hf_reference(tiny_model, catalog, batch, num_beams, length_penalty, renormalize=mask == "before")
     for g, r in zip(got, ref):
         assert [s for s, _ in g] == [s for s, _ in r]
@@ -90,7 +91,7 @@ def test_early_stopping_modes_match_transformers(tiny_model, catalog, make_batch
     dec = ConstrainedBeamSearch(catalog, num_beams=4, mask="after", length_penalty=length_penalty,
                                 max_new_tokens=32, early_stopping=early_stopping, top_k=[1])
     ref = hf_reference(tiny_model, catalog, batch, 4, length_penalty, renormalize=False, early_stopping=early_stopping)
-    for g, r in zip(dec.rank(tiny_model, batch), ref):
+    for g, r in zip(rank(dec, tiny_model, batch), ref):
         assert [s for s, _ in g] == [s for s, _ in r]
         assert [sc for _, sc in g] == pytest.approx([sc for _, sc in r], abs=1e-4)
 
@@ -98,9 +99,9 @@ def test_early_stopping_modes_match_transformers(tiny_model, catalog, make_batch
 def test_single_prompt_equals_batched(tiny_model, catalog, make_batch_fn):
     """Left padding does not change a user's result."""
     dec = ConstrainedBeamSearch(catalog, num_beams=5, top_k=[1, 5])
-    batched = dec.rank(tiny_model, make_batch_fn(PROMPTS))
+    batched = rank(dec, tiny_model, make_batch_fn(PROMPTS))
     for p, b in zip(PROMPTS, batched):
-        (alone,) = dec.rank(tiny_model, make_batch_fn([p]))
+        (alone,) = rank(dec, tiny_model, make_batch_fn([p]))
         assert [s for s, _ in alone] == [s for s, _ in b]
         assert [sc for _, sc in alone] == pytest.approx([sc for _, sc in b], abs=1e-4)
 
@@ -123,7 +124,7 @@ def test_shared_prompt_path_equals_full_cache_path_gqa(tokenizer, catalog, make_
     impl = model.config._attn_implementation
     fast = ConstrainedBeamSearch(catalog, num_beams=num_beams, mask=mask, top_k=[1], shared_prompt=True)
     slow = ConstrainedBeamSearch(catalog, num_beams=num_beams, mask=mask, top_k=[1], shared_prompt=False)
-    for f, s in zip(fast.rank(model, batch), slow.rank(model, batch)):
+    for f, s in zip(rank(fast, model, batch), rank(slow, model, batch)):
         assert [x for x, _ in f] == [x for x, _ in s]
         assert [x for _, x in f] == pytest.approx([x for _, x in s], abs=1e-4)
     assert model.config._attn_implementation == impl  # restored after decoding

@@ -6,16 +6,22 @@ import json
 
 import pytest
 import torch
-import yaml
 
-from msl_rec.decoding import ConstrainedBeamSearch, PopularityRanker, RandomRanker, build_decoder, evaluate
+from msl_rec.decoding import ConstrainedBeamSearch, PopularityRanker, RandomRanker, build_decoder
+from msl_rec.evaluation import evaluate
+from tests.decoding.conftest import rank
 
 CONFIGS = "configs/decoder"
 
 
 def load(name):
-    with open(f"{CONFIGS}/{name}.yaml") as f:
-        return yaml.safe_load(f)
+    """The decoder node a run composes with ``decoder=<name>`` (schema defaults included)."""
+    import tempfile
+    from pathlib import Path
+
+    from tests.conftest import compose
+
+    return compose("eval.yaml", ["backbone=tiny_llama", f"decoder={name}"], Path(tempfile.mkdtemp())).decoder
 
 
 def test_build_from_configs(catalog):
@@ -28,7 +34,7 @@ def test_build_from_configs(catalog):
         build_decoder(load("popularity"), catalog)
     p = build_decoder(load("popularity"), catalog, train_targets=[101, 101, 103])
     assert isinstance(p, PopularityRanker) and not p.needs_model
-    t = build_decoder({"_target_": "msl_rec.decoding.beam.ConstrainedBeamSearch", "num_beams": 3, "top_k": [1]},
+    t = build_decoder({"_target_": "msl_rec.decoding.ConstrainedBeamSearch", "num_beams": 3, "top_k": [1]},
                       catalog)
     assert t.num_beams == 3
     with pytest.raises(ValueError, match="unknown"):
@@ -60,7 +66,7 @@ def test_random_is_seeded_per_user_and_distinct(catalog, make_batch_fn):
 def test_evaluate_with_model(tiny_model, catalog, make_batch_fn, tmp_path):
     dec = ConstrainedBeamSearch(catalog, num_beams=10)
     batch = make_batch_fn(["hello", "books i like"], targets=[100, 123])
-    first = dec.rank(tiny_model, batch)
+    first = rank(dec, tiny_model, batch)
     # make the targets: user 0 -> its 3rd sequence's item, user 1 -> a duplicate-title item if ranked
     t0 = catalog.seq_items[first[0][2][0]][0]
     batch["target_ids"] = torch.tensor([t0, 999999])

@@ -252,11 +252,12 @@ def test_sdpo_module():
         loss_fn(b)  # no ref_logps
 
 
-def test_configs_instantiate():
-    from hydra.utils import instantiate
-    from omegaconf import OmegaConf
+def test_configs_instantiate(tmp_path):
+    from msl_rec.losses import build_loss
+    from tests.conftest import compose
 
-    built = {name: instantiate(OmegaConf.load(CONFIGS / f"{name}.yaml")) for name in ("lml", "msl", "msl_ats", "sdpo")}
+    built = {name: build_loss(compose("train.yaml", ["backbone=tiny_llama", f"loss={name}"], tmp_path).loss)
+             for name in ("lml", "msl", "msl_ats", "sdpo")}
     assert isinstance(built["lml"], LMLLoss) and type(built["msl"]) is MSLLoss
     ats = built["msl_ats"]
     assert isinstance(ats, MSLATSLoss) and ats.root == "plus" and ats.stats_at == "root"  # no backbone: root

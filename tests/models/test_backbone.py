@@ -2,7 +2,8 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from msl_rec.models.backbone import backbone_body, build_backbone, count_trainable, output_weight
+from msl_rec.models.backbone import build_backbone, count_trainable
+from msl_rec.models.inference import backbone_body, output_weight
 from msl_rec.utils.config import CONFIG_DIR
 
 
