@@ -12,7 +12,7 @@ from msl_rec.train import train
 
 
 def test_popularity_needs_no_model(compose_eval, tmp_path, monkeypatch):
-    from msl_rec.models import module
+    from msl_rec.training import module
 
     def no_model(*a, **k):
         raise AssertionError("popularity must not load a model")
@@ -73,7 +73,7 @@ def _predictions(folder):
 def test_shard_range_partitions_the_rows():
     import pytest
 
-    from msl_rec.eval import shard_range
+    from msl_rec.evaluation.runner import shard_range
 
     for n_rows in (0, 1, 7, 3472):
         for n in (1, 2, 3, 5):
@@ -240,29 +240,34 @@ def test_popularity_on_test_and_run_dir_that_is_not_a_run(compose_eval, tmp_path
 
 
 def test_length_sorted_batches():
-    from msl_rec.eval import length_sorted_batches
+    from msl_rec.evaluation.runner import length_sorted_batches
 
     lens = [5, 1, 9, 1, 3]
     assert length_sorted_batches([0, 1, 2, 3, 4], lens, 2) == [[1, 3], [4, 0], [2]]
     assert length_sorted_batches([2, 0], lens, 8) == [[0, 2]]
 
 
-def test_real_rows_drop_the_distributed_samplers_padding():
-    """Over all ranks of a padded DistributedSampler, the kept rows are every row exactly once."""
-    from torch.utils.data import DataLoader, DistributedSampler
+def test_split_rows_name_each_row_once_and_drop_the_distributed_samplers_padding():
+    """Over all ranks of a padded DistributedSampler, the named rows are every split row exactly once,
+    each the row the loader actually yields; padding is None."""
+    from torch.utils.data import DataLoader, DistributedSampler, RandomSampler
 
-    from msl_rec.decoding.evaluate import real_rows
+    from msl_rec.evaluation.evaluate import split_rows
 
     for n, world, bs in ((5, 2, 2), (7, 3, 2), (4, 2, 4), (1, 2, 3)):
-        kept = []
+        named = []
         for rank in range(world):
             loader = DataLoader(list(range(n)), batch_size=bs,
                                 sampler=DistributedSampler(list(range(n)), num_replicas=world, rank=rank, shuffle=False))
             for i, batch in enumerate(loader):
-                kept += [x for x, real in zip(batch.tolist(), real_rows(loader, i, len(batch))) if real]
-        assert sorted(kept) == list(range(n)), (n, world, bs)
-    plain = DataLoader(list(range(3)), batch_size=2)
-    assert real_rows(plain, 0, 2) == [True, True]
+                rows = split_rows(loader, i, len(batch))
+                assert all(r is None or r == x for x, r in zip(batch.tolist(), rows)), (n, world, bs)
+                named += [r for r in rows if r is not None]
+        assert sorted(named) == list(range(n)), (n, world, bs)
+    plain = DataLoader(list(range(5)), batch_size=2)
+    assert [split_rows(plain, i, len(b)) for i, b in enumerate(plain)] == [[0, 1], [2, 3], [4]]
+    with pytest.raises(TypeError, match="RandomSampler"):  # a shuffled loader's rows cannot be named
+        split_rows(DataLoader(list(range(5)), batch_size=2, sampler=RandomSampler(range(5))), 0, 2)
 
 
 @pytest.mark.slow  # ~45 s: two CPU processes start Python, torch and the tiny model

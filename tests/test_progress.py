@@ -33,7 +33,7 @@ def test_evaluation_progress_counts_users_not_batches(compose_eval, capsys):
 
 
 def test_user_progress_bar_counts_this_ranks_users():
-    from msl_rec.decoding.engine import rank_users
+    from msl_rec.evaluation.engine import rank_users
 
     batches = [[0, 1, 2], [3, 4, 5], [6, 7], [8]]
     assert rank_users(batches) == 9
@@ -42,7 +42,7 @@ def test_user_progress_bar_counts_this_ranks_users():
 
 
 def test_no_progress_bar_when_the_trainer_turns_it_off():
-    from msl_rec.decoding.engine import UserProgressBar, progress_callbacks
+    from msl_rec.evaluation.engine import UserProgressBar, progress_callbacks
 
     assert progress_callbacks({"enable_progress_bar": False}, [[0]]) == []
     assert isinstance(progress_callbacks({}, [[0]])[0], UserProgressBar)

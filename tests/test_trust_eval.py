@@ -15,7 +15,9 @@ import torch
 import yaml
 from omegaconf import OmegaConf
 
-from msl_rec.eval import eval_key, evaluate_app, resume_predictions
+from msl_rec.eval import evaluate_app
+from msl_rec.evaluation.key import eval_key
+from msl_rec.evaluation.store import resume_predictions
 from msl_rec.utils.config import PROJECT_ROOT
 from msl_rec.utils.registry import ConfigSecurityError
 
@@ -98,7 +100,7 @@ def test_changed_training_file_is_another_popularity_evaluation(compose_eval, tm
 
 
 def test_merge_refuses_shards_of_different_checkpoints(compose_eval, tmp_path):
-    from msl_rec.eval import check_mergeable
+    from msl_rec.evaluation.store import check_mergeable
 
     ckpt = tmp_path / "m.ckpt"
     folders = []
@@ -124,7 +126,7 @@ def _fake_run(compose_train, run, *overrides):
 
 
 def test_run_dir_keeps_command_line_overrides(compose_train, compose_eval, tmp_path):
-    from msl_rec.eval import apply_run_dir
+    from msl_rec.evaluation.runner import apply_run_dir
 
     run = tmp_path / "run"
     _fake_run(compose_train, run)
@@ -145,9 +147,9 @@ def test_run_dir_of_a_missing_folder_names_it(compose_eval, tmp_path):
 
 # ---------------------------------------------------------------------------- titles and metrics.json
 def test_max_new_tokens_defaults_to_the_longest_title(compose_eval, tmp_path):
+    from msl_rec.data.build import build_data
     from msl_rec.data.catalog import warn_undecodable_titles
     from msl_rec.decoding import build_decoder
-    from msl_rec.train import build_data
 
     cfg = compose_eval()
     _, catalog, _ = build_data(cfg)
@@ -185,7 +187,7 @@ EVIL = "logging.FileHandler"  # constructing it creates the file it names: proof
 
 
 def test_checkpoint_hyper_parameters_cannot_name_any_class(tmp_path):
-    from msl_rec.models.module import RecLitModule
+    from msl_rec.training.module import RecLitModule
 
     marker = tmp_path / "ran"
     ckpt = tmp_path / "evil.ckpt"
@@ -197,7 +199,7 @@ def test_checkpoint_hyper_parameters_cannot_name_any_class(tmp_path):
 
 
 def test_build_loss_takes_registered_losses_only(tmp_path):
-    from msl_rec.models.module import build_loss
+    from msl_rec.training.module import build_loss
 
     marker = tmp_path / "ran"
     with pytest.raises(ConfigSecurityError, match="not a msl-rec loss"):

@@ -6,10 +6,11 @@ puts an ``UnrepeatedDistributedSampler`` under the loader: rank ``r`` gets batch
 no batch twice and none padded in. Each batch therefore has the same rows on one process as on
 N, and the predictions (and metrics) are the same as a one-process run's, not just close.
 
-Each rank appends its rows, keyed by split row index, to ``predictions.part<rank>.jsonl`` as each
-batch ends (:class:`PredictionWriter`, Lightning's ``BasePredictionWriter``); the eval app's rank 0
-folds the parts into one ``predictions.jsonl`` in row order at the end (and at the start of a
-resumed run, after a kill).
+Each batch's rows come from the same :class:`~msl_rec.evaluation.predict.BatchPredictor` validation
+uses (:class:`EvalPredictor`). Each rank appends them, keyed by split row index, to its part file of
+the prediction store as each batch ends (:class:`PredictionWriter`, Lightning's
+``BasePredictionWriter``; :mod:`msl_rec.evaluation.store`); the eval app's rank 0 folds the parts
+into one ``predictions.jsonl`` in row order at the end (and at the start of a resumed run).
 
 The terminal shows progress in users, not batches (:class:`UserProgressBar`): ``Evaluating users
 3%|▍ | 120/3472 users [elapsed 01:15, ETA 35:00, 1.60 users/s]``.
@@ -17,7 +18,6 @@ The terminal shows progress in users, not batches (:class:`UserProgressBar`): ``
 
 from __future__ import annotations
 
-import json
 import logging
 import sys
 import time
@@ -30,11 +30,9 @@ from lightning.pytorch.callbacks import BasePredictionWriter, TQDMProgressBar
 from lightning.pytorch.callbacks.progress.tqdm_progress import Tqdm
 from torch.utils.data import DataLoader, Dataset
 
-from msl_rec.decoding.evaluate import predict_batch
+from msl_rec.evaluation.store import append_rows
 
 log = logging.getLogger(__name__)
-
-PART_GLOB = "predictions.part*.jsonl"
 
 
 class BatchList(Dataset):
@@ -60,18 +58,24 @@ def _only(items: list):
 
 
 class EvalPredictor(L.LightningModule):
-    """``predict_step`` = decode one batch (and score its targets): the prediction rows."""
+    """``predict_step`` = ``predictor.predict(model, batch)``: one batch's prediction rows.
 
-    def __init__(self, decoder, model, catalog, scorer=None):
+    Args:
+        predictor: a :class:`~msl_rec.evaluation.predict.BatchPredictor`.
+        model: the (peft) network, or None for a decoder without a model; a submodule here, so
+            Lightning puts it on the device.
+    """
+
+    def __init__(self, predictor, model=None):
         super().__init__()
-        self.decoder, self.model, self.catalog, self.scorer = decoder, model, catalog, scorer
+        self.predictor, self.model = predictor, model
 
     def predict_step(self, batch, batch_idx: int) -> list[dict]:
-        return predict_batch(self.decoder, self.model, batch, self.catalog, self.scorer)
+        return self.predictor.predict(self.model, batch)
 
 
 class PredictionWriter(BasePredictionWriter):
-    """Append each batch's rows, with their split ``row``, to ``predictions.part<rank>.jsonl``."""
+    """Append each batch's rows, with their split ``row``, to this rank's part file in ``out_dir``."""
 
     def __init__(self, out_dir: str | Path, batches: Sequence[Sequence[int]]):
         super().__init__(write_interval="batch")
@@ -81,13 +85,7 @@ class PredictionWriter(BasePredictionWriter):
                            dataloader_idx=0) -> None:
         if batch_indices is None or len(batch_indices) != 1:
             raise RuntimeError(f"expected one batch index per loader item, got {batch_indices!r}")
-        rows = self.batches[batch_indices[0]]
-        if len(rows) != len(prediction):
-            raise RuntimeError(f"batch {batch_indices[0]}: {len(prediction)} predictions for {len(rows)} rows")
-        path = self.out_dir / f"predictions.part{trainer.global_rank}.jsonl"
-        with open(path, "a", encoding="utf-8") as f:
-            f.writelines(json.dumps({"row": int(r), **p}) + "\n" for r, p in zip(rows, prediction))
-            f.flush()
+        append_rows(self.out_dir, trainer.global_rank, self.batches[batch_indices[0]], prediction)
 
 
 def rank_users(batches: Sequence[Sequence[int]], rank: int = 0, world_size: int = 1) -> int:

@@ -10,8 +10,8 @@ Per step the backbone runs to its final hidden states (after the last norm) and 
 applied: only the positions that predict a response token go to the loss (:class:`ResponseBatch`).
 
 Beside it: checkpoint contents (adapter only, canonical names, per-rank RNG) in
-:mod:`msl_rec.models.checkpoint`, optimiser and lr schedule in :mod:`msl_rec.models.optim`,
-throughput logging in :mod:`msl_rec.models.throughput`, S-DPO's negatives and reference pass in
+:mod:`msl_rec.models.checkpoint`, optimiser and lr schedule in :mod:`msl_rec.training.optim`,
+throughput logging in :mod:`msl_rec.training.throughput`, S-DPO's negatives and reference pass in
 :mod:`msl_rec.losses.sdpo`.
 """
 
@@ -25,52 +25,26 @@ from typing import Any
 
 import lightning as L
 import torch
+import torch.distributed as dist
 
+from msl_rec.decoding import build_decoder
+from msl_rec.evaluation.evaluate import split_rows, summarize
+from msl_rec.evaluation.predict import BatchPredictor
+from msl_rec.losses import build_loss
 from msl_rec.losses.base import ResponseBatch
+from msl_rec.losses.functional import positive_weight
 from msl_rec.losses.sdpo import merge_negatives, reference_logps
 from msl_rec.models import checkpoint as ckpt_state
-from msl_rec.models.backbone import (
-    backbone_body,
-    build_backbone,
-    output_weight,
-    position_ids_from_mask,
-)
-from msl_rec.models.optim import build_lr_schedule, build_optimizer
-from msl_rec.models.throughput import TrainThroughput
+from msl_rec.models.backbone import build_backbone
+from msl_rec.models.fsdp_utils import DecodingCopy, is_fsdp
+from msl_rec.models.inference import hidden_states, output_weight
+from msl_rec.training.optim import build_lr_schedule, build_optimizer
+from msl_rec.training.throughput import TrainThroughput
+from msl_rec.utils.config import plain
+from msl_rec.utils.precision import autocast_off
+from msl_rec.utils.registry import check_targets
 
 log = logging.getLogger(__name__)
-
-
-def _plain(cfg: Any) -> Any:
-    from omegaconf import DictConfig, ListConfig, OmegaConf
-
-    if isinstance(cfg, (DictConfig, ListConfig)):
-        return OmegaConf.to_container(cfg, resolve=True)
-    return cfg
-
-
-def build_loss(loss_cfg: Mapping[str, Any]):
-    """Instantiate a loss from its config (``_target_`` + the loss's own arguments); the class comes
-    from msl-rec's own registry (:data:`~msl_rec.utils.registry.LOSSES`), never from an import path."""
-    from msl_rec.utils.registry import loss_class
-
-    cfg = dict(loss_cfg)
-    cls = loss_class(cfg.pop("_target_", None))
-    try:
-        return cls(**cfg)
-    except TypeError as e:
-        raise TypeError(f"loss config {loss_cfg.get('_target_')}: {e} (a loss config holds only the loss's "
-                        f"arguments; S-DPO's sft_ckpt is sdpo.sft_ckpt, its lr optim.lr)") from e
-
-
-def _decoding():
-    """(build_decoder, evaluate) or None when the decoding package is not there."""
-    try:
-        from msl_rec.decoding import build_decoder
-        from msl_rec.decoding.evaluate import evaluate
-    except ImportError:
-        return None
-    return build_decoder, evaluate
 
 
 class RecLitModule(L.LightningModule):
@@ -82,32 +56,37 @@ class RecLitModule(L.LightningModule):
         decoder: Mapping[str, Any] | None = None,
         top_k: tuple[int, ...] | list[int] = (1, 5, 10),
         sft_ckpt: str | None = None,
+        scoring: Mapping[str, Any] | None = None,
     ):
         """
         Args:
             backbone: a ``configs/backbone`` node (name, source, lora, arch, tokenizer, ...).
             loss: a ``configs/loss`` node (``_target_`` + the loss's arguments).
             optim: ``lr`` (1e-4), ``weight_decay`` (0), ``warmup_steps`` (20), ``schedule``
-                (linear|constant), ``betas`` (see :mod:`msl_rec.models.optim`).
+                (linear|constant), ``betas`` (see :mod:`msl_rec.training.optim`).
             decoder: a ``configs/decoder`` node used for validation (NDCG/HR); None: validate by loss.
             top_k: cut-offs for the validation metrics.
+            scoring: the top-level ``scoring:`` node (``target_logp``, ``num_negatives`` (0: no sampled
+                rank), ``seed``, ``chunk_size``): the same signals as ``msl-rec-eval``'s.
             sft_ckpt: a checkpoint whose LoRA adapter is merged into the base before the fresh
                 adapter is attached (S-DPO starts from it; the reference is the adapter disabled).
         """
         super().__init__()
-        self.save_hyperparameters({"backbone": _plain(backbone), "loss": _plain(loss),
-                                   "optim": _plain(optim) or {}, "decoder": _plain(decoder),
-                                   "top_k": list(top_k), "sft_ckpt": str(sft_ckpt) if sft_ckpt else None})
-        self.loss = build_loss(self.hparams.loss)
+        self.save_hyperparameters({"backbone": plain(backbone), "loss": plain(loss),
+                                   "optim": plain(optim) or {}, "decoder": plain(decoder),
+                                   "top_k": list(top_k), "sft_ckpt": str(sft_ckpt) if sft_ckpt else None,
+                                   "scoring": plain(scoring)})
+        self.loss = build_loss(self.hparams.loss, self.hparams.backbone)  # stats_at: null -> the backbone's
         self.model = None  # built in configure_model
         self.decoder = None
+        self.predictor: BatchPredictor | None = None  # validation's, built at the first validation
         self._decoding_copy = None  # FSDP: a rank-local unsharded backbone for decoding (fsdp_utils)
+        self._val_rows: list[dict] = []  # this rank's validation prediction rows of the current epoch
+        self.val_metrics: dict[str, float] = {}  # the last validation's summarize(), exact (float64)
 
     @classmethod
     def load_from_checkpoint(cls, checkpoint_path, map_location: Any = "cpu", **kwargs) -> RecLitModule:
         """Lightning's loader with ``weights_only=True``; errors name the file."""
-        from msl_rec.utils.registry import check_targets
-
         path = Path(checkpoint_path)
         ckpt = ckpt_state.read_checkpoint(path)  # small (adapter only): named errors for a bad or unsafe file
         # the classes its hyper_parameters name come from msl-rec's allowlist, checked before any is built
@@ -133,17 +112,18 @@ class RecLitModule(L.LightningModule):
     def configure_callbacks(self):
         return [TrainThroughput()]
 
-    def _build_decoder(self):
-        if self.decoder is not None or not self.hparams.decoder:
-            return self.decoder
-        dec = _decoding()
+    def _build_predictor(self) -> BatchPredictor | None:
+        """Validation's :class:`BatchPredictor` (the decoder and ``scoring`` settings ``msl-rec-eval``
+        uses), built once the datamodule's catalog exists; None without a decoder (validate by loss)."""
+        if self.predictor is not None or not self.hparams.decoder:
+            return self.predictor
         dm = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
-        if dec is None or dm is None or getattr(dm, "catalog", None) is None:
+        if dm is None or getattr(dm, "catalog", None) is None:
             return None
-        build_decoder, _ = dec
         self.decoder = build_decoder(self.hparams.decoder, dm.catalog,
                                      train_targets=getattr(dm, "train_targets", None), top_k=self.hparams.top_k)
-        return self.decoder
+        self.predictor = BatchPredictor(self.decoder, dm.catalog, self.hparams.get("scoring"), dm.prompt_preamble)
+        return self.predictor
 
     # ------------------------------------------------------------------ checkpoints
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
@@ -180,10 +160,7 @@ class RecLitModule(L.LightningModule):
     # ------------------------------------------------------------------ forward
     def hidden_states(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """(B, T, d) final hidden states (after the last norm); no lm_head."""
-        body = backbone_body(self.model)
-        out = body(input_ids=input_ids, attention_mask=attention_mask,
-                   position_ids=position_ids_from_mask(attention_mask), use_cache=False)
-        return out.last_hidden_state
+        return hidden_states(self.model, input_ids, attention_mask)
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """(B, T, V) logits at every position (for evaluation and tests, not for training)."""
@@ -242,8 +219,6 @@ class RecLitModule(L.LightningModule):
         under the softmax over the position's valid set (0 where it holds one token), ``num_valid``
         = the valid-set size. Full-vocabulary logits are formed for the response positions only.
         """
-        from msl_rec.losses.functional import positive_weight
-
         rb = self.response_batch({k: v for k, v in batch.items() if not k.startswith("neg_")})
         logits = rb.hidden @ rb.weight.t()
         return {"w_lml": positive_weight(logits, rb.labels), "w_msl": positive_weight(logits, rb.labels, rb.valid_ids),
@@ -273,41 +248,56 @@ class RecLitModule(L.LightningModule):
             dm.set_epoch(self.current_epoch)
 
     def on_validation_epoch_start(self) -> None:
-        from msl_rec.models.fsdp_utils import DecodingCopy, is_fsdp
-
+        self._val_rows = []
         if self.hparams.decoder and is_fsdp(self.model):  # see fsdp_utils: why decoding needs full weights
             if self._decoding_copy is None:
                 self._decoding_copy = DecodingCopy(lambda: build_backbone(self.hparams.backbone))
             self._decoding_copy.refresh(self.trainer.strategy.model, self.model)
 
     def validation_step(self, batch: Mapping[str, torch.Tensor], batch_idx: int) -> list[dict] | None:
+        """Decode and score the batch's users as ``msl-rec-eval`` does (the same :class:`BatchPredictor`);
+        the rows are kept for :meth:`on_validation_epoch_end`, which computes the metrics once. Returns the
+        batch's rows (without DDP padding), for callbacks (``on_validation_batch_end``'s outputs)."""
         bs = int(batch["input_ids"].shape[0]) if "input_ids" in batch else int(batch["target_ids"].shape[0])
-        decoder = self._build_decoder()
-        if decoder is None:
+        predictor = self._build_predictor()
+        if predictor is None:
             rb = self.response_batch(batch)
             loss, _ = self.loss(rb)
             self.log("val/loss", loss, on_epoch=True, sync_dist=True, batch_size=bs)
-            return
-        from msl_rec.decoding.evaluate import real_rows, summarize
-        from msl_rec.utils.precision import autocast_off
-
-        _, evaluate = _decoding()
-        dm = self.trainer.datamodule
+            return None
         model = self._decoding_copy.model if self._decoding_copy is not None else self.model
-        # metrics in the decoder's dtype (float32 by default), not in bf16-mixed's autocast: the same
-        # numbers on every machine (utils/precision.py); training keeps its autocast
+        # in the decoder's dtype (float32 by default), not in bf16-mixed's autocast: the same numbers on
+        # every machine (utils/precision.py); training keeps its autocast
         with autocast_off(self.device):
-            result = evaluate(decoder, model, [batch], dm.catalog, top_k=tuple(self.hparams.top_k))
-        # exact means over unique users: DDP's DistributedSampler pads with duplicate rows, dropped here
+            rows = predictor.predict(model if predictor.needs_model else None, batch)
         loader = self.trainer.val_dataloaders
         loader = loader[0] if isinstance(loader, (list, tuple)) else loader  # one validation loader
-        keep = [p for p, real in zip(result.predictions, real_rows(loader, batch_idx, bs)) if real]
-        metrics = summarize(keep, tuple(self.hparams.top_k)) if keep else dict.fromkeys(result.metrics, 0.0)
-        for k, v in metrics.items():
-            # Lightning's epoch value is sum(value * batch_size) / sum(batch_size) over batches and ranks
-            self.log(f"val/{k}", float(v), on_epoch=True, sync_dist=True, batch_size=len(keep),
-                     prog_bar=k.endswith("@10"))
-        return keep  # the prediction rows, for callbacks (on_validation_batch_end's outputs: dashboards)
+        # each row keyed by its split row; DDP's DistributedSampler pads with duplicate rows: dropped
+        keep = [{"row": r, **p} for r, p in zip(split_rows(loader, batch_idx, bs), rows) if r is not None]
+        self._val_rows.extend(keep)
+        return keep
+
+    def on_validation_epoch_end(self) -> None:
+        """``val/*`` = :func:`summarize` over every rank's rows of the epoch in split-row order, as
+        ``msl-rec-eval`` computes ``metrics.json``: the same users give the same floats
+        (:attr:`val_metrics`). Lightning's epoch mean of per-batch values would be float32 and weighted."""
+        if self.predictor is None:
+            return
+        rows = self._val_rows
+        if self.trainer.world_size > 1:
+            gathered: list[list[dict]] = [[] for _ in range(dist.get_world_size())]
+            dist.all_gather_object(gathered, rows)
+            rows = [r for part in gathered for r in part]
+        rows = sorted(rows, key=lambda r: r["row"])
+        self._val_rows = []
+        if not rows:  # no validation batch ran (limit_val_batches=0): nothing to summarize
+            return
+        if len({r["row"] for r in rows}) != len(rows):
+            raise RuntimeError("validation: a split row was predicted twice across ranks (sampler padding kept?)")
+        self.val_metrics = summarize(rows, tuple(self.hparams.top_k))
+        for k, v in self.val_metrics.items():
+            # already over all ranks (the same on each), so no sync; the float64 values are val_metrics
+            self.log(f"val/{k}", v, prog_bar=k.endswith("@10"))
 
     def on_train_end(self) -> None:
         # each rank writes its loss state, so a DDP run can be checked for desync (tests do)
@@ -320,6 +310,7 @@ class RecLitModule(L.LightningModule):
     # ------------------------------------------------------------------ optimiser
     def configure_optimizers(self):
         o = dict(self.hparams.optim or {})
+        # optim._target_ (AdamW) instantiated as a partial over the trainable (LoRA) parameters
         opt = build_optimizer((p for p in self.parameters() if p.requires_grad), o)
         # every schedule needs the run's length: linear decays over it, and a warm-up as long caps to it
         try:

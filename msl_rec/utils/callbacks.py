@@ -53,6 +53,8 @@ class BestMetricsWriter(L.Callback):
         self.best = value
         self.best_metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("val/")}
         self.best_metrics[self.monitor] = value
+        # the module's exact (float64) summarize() values, as msl-rec-eval writes them; Lightning logs float32
+        self.best_metrics.update({f"val/{k}": float(v) for k, v in getattr(pl_module, "val_metrics", {}).items()})
         self.best_metrics.update(epoch=trainer.current_epoch, step=trainer.global_step)
         self.decode_dtype = getattr(getattr(pl_module, "decoder", None), "compute_dtype", None)
         if trainer.is_global_zero:

@@ -17,6 +17,7 @@ from typing import Any
 
 import lightning as L
 import numpy as np
+from lightning.pytorch.loggers import WandbLogger
 from omegaconf import DictConfig, OmegaConf
 
 from msl_rec.utils.callbacks import BestMetricsWriter
@@ -38,8 +39,6 @@ RANK_KEY = "val_samples/target_rank"
 
 def wandb_run(trainer: L.Trainer):
     """The wandb run of the trainer's WandbLogger on rank 0; None without one (or on other ranks)."""
-    from lightning.pytorch.loggers import WandbLogger
-
     if not trainer.is_global_zero:
         return None
     return next((lg.experiment for lg in trainer.loggers if isinstance(lg, WandbLogger)), None)
@@ -195,8 +194,6 @@ def log_evaluation(cfg: DictConfig, out_dir: Path, metrics: dict[str, float], re
     evaluates (:func:`eval_identity`; its id, name and group under ``train_run`` in the config)."""
     if not cfg.get("logger"):
         return
-    from lightning.pytorch.loggers import WandbLogger
-
     identity, train_run = eval_identity(cfg)
     loggers = instantiate_loggers(cfg.get("logger"), out_dir, identity)
     config = OmegaConf.to_container(cfg, resolve=True)

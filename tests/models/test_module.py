@@ -10,8 +10,8 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from msl_rec.models.module import RecLitModule
-from msl_rec.models.optim import build_lr_schedule, build_optimizer
+from msl_rec.training.module import RecLitModule
+from msl_rec.training.optim import build_lr_schedule, build_optimizer
 from msl_rec.utils.config import CONFIG_DIR
 from tests.conftest import compose
 
@@ -74,7 +74,7 @@ def _lr_opt(lr: float = 1.0):
 def test_warmup_as_long_as_the_run_is_capped_with_a_warning(schedule, warmup, total, capped, caplog):
     """A warm-up >= the run's steps would keep the lr below optim.lr all run (e.g. 20 of 5: at most 0.2):
     it is capped to 10% of the run, with a warning naming both numbers."""
-    with caplog.at_level("WARNING", logger="msl_rec.models.optim"):
+    with caplog.at_level("WARNING", logger="msl_rec.training.optim"):
         got = _lrs(build_lr_schedule(_lr_opt(), {"warmup_steps": warmup, "schedule": schedule}, total), total)
     decay = schedule == "linear"
     hand = [s / capped if s < capped else ((total - s) / (total - capped) if decay else 1.0) for s in range(total)]
@@ -85,7 +85,7 @@ def test_warmup_as_long_as_the_run_is_capped_with_a_warning(schedule, warmup, to
 
 
 def test_warmup_shorter_than_the_run_is_kept(caplog):
-    with caplog.at_level("WARNING", logger="msl_rec.models.optim"):
+    with caplog.at_level("WARNING", logger="msl_rec.training.optim"):
         got = _lrs(build_lr_schedule(_lr_opt(), {"warmup_steps": 19, "schedule": "linear"}, 20), 20)
         unknown = _lrs(build_lr_schedule(_lr_opt(), {"warmup_steps": 50, "schedule": "linear"}, None), 3)
     assert got[:3] == pytest.approx([0, 1 / 19, 2 / 19]) and got[-1] == pytest.approx(1.0)
@@ -100,7 +100,7 @@ def test_module_caps_the_warmup_of_a_constant_schedule_too(caplog):
                           optim={"lr": 1e-3, "warmup_steps": 20, "schedule": "constant"})
     module.configure_model()
     module._trainer = SimpleNamespace(estimated_stepping_batches=6)
-    with caplog.at_level("WARNING", logger="msl_rec.models.optim"):
+    with caplog.at_level("WARNING", logger="msl_rec.training.optim"):
         sched = module.configure_optimizers()["lr_scheduler"]["scheduler"]
     assert _lrs(sched, 6) == pytest.approx([1e-3] * 6)
     assert "optim.warmup_steps=20 >= the run's 6 optimizer steps" in caplog.text

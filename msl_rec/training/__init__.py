@@ -1,0 +1,1 @@
+"""Training: the LightningModule, its optimiser and schedule, throughput logging."""
