@@ -4,11 +4,23 @@ the ranks of a torchrun/srun job, and hydra-submitit-launcher sweeps (submitit_l
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
+from datetime import datetime, timedelta
 
 import pytest
 import torch
+from hydra import compose, initialize_config_dir
+from hydra.core.global_hydra import GlobalHydra
+from omegaconf import OmegaConf
+from transformers.models.llama.modeling_llama import LlamaDecoderLayer
 
 from experiments.probes import probe_batch
+from msl_rec.models.fsdp_utils import AdapterFSDPStrategy
+from msl_rec.train import build_strategy
+from msl_rec.training.module import RecLitModule
+from msl_rec.utils.config import CONFIG_DIR, PROJECT_ROOT, run_id
 
 FSDP_TIMEOUT = 600  # s: a hang in validation (decoding under FSDP) fails the test instead of blocking
 
@@ -17,7 +29,6 @@ FSDP_TIMEOUT = 600  # s: a hang in validation (decoding under FSDP) fails the te
 def test_fsdp_sim_trains_validates_checkpoints_and_reloads(tmp_path, tiny_overrides, cli):
     """FSDP (2 CPU ranks, gloo): 2 MSL+ATS steps, beam-search validation, an adapter-only checkpoint
     that reloads in one process to the trained model's logits, and the same tau on both ranks."""
-    from msl_rec.models.module import RecLitModule
 
     cli("msl_rec.train", *tiny_overrides, "trainer=fsdp_sim", "optim.global_batch_size=4", "loss=msl_ats",
         "decoder=cbs_masked",
@@ -59,9 +70,6 @@ def test_fsdp_sim_trains_validates_checkpoints_and_reloads(tmp_path, tiny_overri
 
 # ---------------------------------------------------------------------------- run folder per job
 def test_run_folder_is_a_timestamp_for_one_process():
-    from datetime import datetime
-
-    from msl_rec.utils.config import run_id
 
     t = datetime(2026, 1, 2, 3, 4, 5, 678901)
     assert run_id({}, now=t) == "2026-01-02_03-04-05_678901"
@@ -82,9 +90,6 @@ def _torchrun_env(rank: int, run: str = "3f2a") -> dict[str, str]:
 
 
 def test_run_folder_is_shared_by_every_rank_of_an_srun_or_torchrun_job():
-    from datetime import datetime, timedelta
-
-    from msl_rec.utils.config import run_id
 
     t0 = datetime(2026, 1, 2, 3, 4, 5)
     # ranks start at different times; their folder name must not depend on it
@@ -97,18 +102,12 @@ def test_run_folder_is_shared_by_every_rank_of_an_srun_or_torchrun_job():
 
 
 def test_run_folder_without_a_shared_job_id_is_an_error():
-    from msl_rec.utils.config import run_id
-
     with pytest.raises(ValueError, match="MSL_REC_RUN_ID"):
         run_id(_torchrun_env(1, run="none"))  # torchrun --nnodes=2 without --rdzv-id
 
 
 def test_srun_ranks_compose_one_run_dir(monkeypatch):
     """The composed hydra.run.dir (what each rank's Hydra makes) is the same for every srun rank."""
-    from hydra import compose, initialize_config_dir
-    from omegaconf import OmegaConf
-
-    from msl_rec.utils.config import CONFIG_DIR
 
     dirs = set()
     for rank in range(2):
@@ -119,8 +118,6 @@ def test_srun_ranks_compose_one_run_dir(monkeypatch):
                           return_hydra_config=True)
             OmegaConf.resolve(cfg.hydra.run)  # hydra.run.dir needs no HydraConfig: only paths + run_id
             dirs.add(cfg.hydra.run.dir)
-        from hydra.core.global_hydra import GlobalHydra
-
         GlobalHydra.instance().clear()
     assert len(dirs) == 1 and next(iter(dirs)).endswith("/train/runs/slurm-4242.0")
 
@@ -128,9 +125,6 @@ def test_srun_ranks_compose_one_run_dir(monkeypatch):
 # ---------------------------------------------------------------------------- cluster sweeps
 def test_slurm_launcher_config_asks_one_task_per_gpu():
     """hydra/launcher=slurm composes with trainer=ddp: nodes, GPUs and tasks follow the trainer."""
-    from hydra import compose, initialize_config_dir
-
-    from msl_rec.utils.config import CONFIG_DIR
 
     with initialize_config_dir(version_base="1.3", config_dir=CONFIG_DIR):
         cfg = compose("train.yaml", ["hydra/launcher=slurm", "trainer=ddp", "trainer.devices=4",
@@ -146,7 +140,6 @@ def test_slurm_launcher_config_asks_one_task_per_gpu():
 def test_submitit_local_sweep_runs_both_jobs(tmp_path, tiny_overrides, cli):
     """A 2-job multirun through hydra-submitit-launcher's local executor: both jobs train, validate
     and write their metrics in one sweep folder named once by the launching process."""
-    from omegaconf import OmegaConf
 
     cli("msl_rec.train", "-m", *tiny_overrides, "hydra/launcher=submitit_local", "hydra.launcher.timeout_min=10",
         "loss=lml,msl", "trainer.max_epochs=1", "trainer.limit_train_batches=1", "data.valid_subset=2",
@@ -166,11 +159,6 @@ def test_submitit_local_sweep_runs_both_jobs(tmp_path, tiny_overrides, cli):
 
 # ---------------------------------------------------------------------------- make gpu-check
 def test_gpu_check_without_cuda_says_so_and_fails():
-    import os
-    import subprocess
-    import sys
-
-    from msl_rec.utils.config import PROJECT_ROOT
 
     env = dict(os.environ, CUDA_VISIBLE_DEVICES="")
     proc = subprocess.run([sys.executable, "-m", "experiments.gpu_check"], cwd=PROJECT_ROOT, env=env,
@@ -182,13 +170,6 @@ def test_gpu_check_without_cuda_says_so_and_fails():
 def test_fsdp_gpu_config_keeps_buffers_in_their_own_dtype():
     """trainer=fsdp: bf16 compute, float32 gradient reduction, buffers not cast (Lightning's bf16-mixed
     alone would give FSDP buffer_dtype=bf16 and round ATS's tau EMA)."""
-    from hydra import compose, initialize_config_dir
-    from omegaconf import OmegaConf
-    from transformers.models.llama.modeling_llama import LlamaDecoderLayer
-
-    from msl_rec.models.fsdp_utils import AdapterFSDPStrategy
-    from msl_rec.train import build_strategy
-    from msl_rec.utils.config import CONFIG_DIR
 
     with initialize_config_dir(version_base="1.3", config_dir=CONFIG_DIR):
         cfg = compose("train.yaml", ["trainer=fsdp", "trainer.devices=1"])

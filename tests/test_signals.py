@@ -4,6 +4,7 @@ resume= continues there; msl-rec-eval stops after the current batch and exits 14
 from __future__ import annotations
 
 import csv
+import json
 import os
 import signal
 import subprocess
@@ -13,7 +14,12 @@ from pathlib import Path
 
 import pytest
 import torch
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 
+from msl_rec.decoding.baselines import RandomRanker
+from msl_rec.eval import evaluate_app
+from msl_rec.train import train
+from msl_rec.training.module import RecLitModule
 from msl_rec.utils.config import PROJECT_ROOT
 from msl_rec.utils.signals import SIGTERM_EXIT_CODE
 
@@ -97,10 +103,6 @@ def test_sigterm_saves_the_current_step_and_exits_non_zero(tmp_path, tiny_overri
 
 
 def test_sigterm_mid_accumulation_saves_at_the_next_optimizer_step(compose_train, tmp_path, monkeypatch):
-    from lightning.pytorch.utilities.exceptions import SIGTERMException
-
-    from msl_rec.models.module import RecLitModule
-    from msl_rec.train import train
 
     step = RecLitModule.training_step
     seen = []
@@ -150,12 +152,7 @@ def test_sigterm_then_resume_matches_an_uninterrupted_run(tmp_path, tiny_overrid
 
 def test_eval_stops_after_the_current_batch_on_sigterm_and_the_same_command_continues(compose_eval, tmp_path,
                                                                                      monkeypatch):
-    import json
 
-    from lightning.pytorch.utilities.exceptions import SIGTERMException
-
-    from msl_rec.decoding.baselines import RandomRanker
-    from msl_rec.eval import evaluate_app
 
     base = ("decoder=random", "subset=6", "data.eval_batch_size=2")  # 3 batches
     ranked, rank = [], RandomRanker.rank

@@ -25,21 +25,28 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
+from lightning.pytorch.core.optimizer import LightningOptimizer
 from lightning.pytorch.strategies import FSDPStrategy
 from torch import nn
+from torch.distributed.fsdp import (
+    FullOptimStateDictConfig,
+    FullStateDictConfig,
+    OptimStateKeyType,
+    StateDictType,
+)
+from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
 
 from msl_rec.models.checkpoint import canonical_key
 
 log = logging.getLogger(__name__)
+
 
 def is_fsdp(module: nn.Module | None) -> bool:
     """Whether ``module`` holds FSDP units (torch's FSDP1 ``FullyShardedDataParallel``, what
     Lightning's ``FSDPStrategy`` wraps with; its FSDP2 ``ModelParallelStrategy`` is not used here)."""
     if module is None:
         return False
-    from torch.distributed.fsdp import FullyShardedDataParallel
-
-    return any(isinstance(m, FullyShardedDataParallel) for m in module.modules())
+    return any(isinstance(m, FSDP) for m in module.modules())
 
 
 class DecodingCopy:
@@ -57,8 +64,6 @@ class DecodingCopy:
     def refresh(self, root: nn.Module, sharded: nn.Module) -> nn.Module:
         """Gather ``sharded`` (a submodule of the FSDP ``root``) into the copy; a collective: call it
         on every rank, outside any forward pass."""
-        from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
-
         ctx = (FSDP.summon_full_params(root, writeback=False, recurse=True)
                if isinstance(root, FSDP) else contextlib.nullcontext())
         with ctx, torch.no_grad():
@@ -110,22 +115,14 @@ class CPUFSDPStrategy(AdapterFSDPStrategy):
     def _setup_model(self, model: nn.Module) -> nn.Module:
         # torch's FSDP takes CPU only from an explicit device_id; Lightning passes root_device.index
         # (None on CPU). Wrap here as Lightning does, then let it finish (activation checkpointing ...).
-        from torch.distributed.fsdp import FullyShardedDataParallel
-
         if self.root_device.type == "cpu" and not is_fsdp(model):
             kwargs = dict(self.kwargs)
-            model = FullyShardedDataParallel(module=model, cpu_offload=self.cpu_offload,
-                                             mixed_precision=self.mixed_precision_config,
-                                             sharding_strategy=self.sharding_strategy,
-                                             device_id=torch.device("cpu"), **kwargs)
+            model = FSDP(module=model, cpu_offload=self.cpu_offload, mixed_precision=self.mixed_precision_config,
+                         sharding_strategy=self.sharding_strategy, device_id=torch.device("cpu"), **kwargs)
             self.kwargs.pop("auto_wrap_policy", None)  # applied above; Lightning warns if it is still set
         return super()._setup_model(model)
 
     def _full_state_dict_context(self):
-        from torch.distributed.fsdp import FullStateDictConfig, StateDictType
-        from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
-        from torch.distributed.fsdp.api import FullOptimStateDictConfig
-
         offload = self.root_device.type != "cpu"
         return FSDP.state_dict_type(self.model, StateDictType.FULL_STATE_DICT,
                                     FullStateDictConfig(offload_to_cpu=offload, rank0_only=True),
@@ -134,10 +131,6 @@ class CPUFSDPStrategy(AdapterFSDPStrategy):
     def optimizer_state(self, optimizer) -> dict[str, Any]:
         if self._state_dict_type != "full" or self.root_device.type != "cpu":
             return super().optimizer_state(optimizer)
-        from lightning.pytorch.core.optimizer import LightningOptimizer
-        from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
-        from torch.distributed.fsdp import OptimStateKeyType
-
         if isinstance(optimizer, LightningOptimizer):
             optimizer = optimizer._optimizer
         with self._full_state_dict_context():

@@ -1,11 +1,16 @@
 import re
+from types import SimpleNamespace
 
 import pytest
 import torch
 from hydra import compose, initialize_config_dir
+from torch.utils.data import DistributedSampler
 
 from msl_rec.data.catalog import ItemCatalog
-from msl_rec.data.datamodule import BATCH_KEYS, IGNORE_INDEX, NEGATIVE_KEYS, RecDataModule
+from msl_rec.data.datamodule import BATCH_KEYS, IGNORE_INDEX, NEGATIVE_KEYS, RecDataModule, sample_rows
+from msl_rec.data.errors import DataError
+from msl_rec.data.io import read_samples
+from msl_rec.data.tokenizers import load_gguf_tokenizer
 from msl_rec.utils.config import CONFIG_DIR
 
 
@@ -17,8 +22,6 @@ def cfg():
 
 @pytest.fixture(scope="module")
 def tokenizer():
-    from msl_rec.models.tokenizers import load_gguf_tokenizer
-
     return load_gguf_tokenizer()
 
 
@@ -68,8 +71,6 @@ def test_train_batch_contract(cfg, tokenizer, catalog):
 
 
 def test_valid_first_rows_in_file_order(cfg, tokenizer, catalog):
-    from msl_rec.data.io import read_samples
-
     dm = make_dm(cfg, tokenizer, catalog)
     batches = list(dm.val_dataloader())
     assert [b["input_ids"].shape[0] for b in batches] == [3, 2]
@@ -137,10 +138,6 @@ def test_bucketing_lowers_padding_on_real_rows_and_keeps_every_row(cfg, tokenize
 
 
 def test_sample_draws_seeded_random_rows(cfg, tokenizer, catalog):
-    from msl_rec.data.datamodule import sample_rows
-    from msl_rec.data.errors import DataError
-    from msl_rec.data.io import read_samples
-
     rows = read_samples(cfg.dataset.train_file)
     a, b, c = sample_rows(rows, 50, 1), sample_rows(rows, 50, 1), sample_rows(rows, 50, 2)
     assert a == b and a != c and len(set(map(id, a))) == 50
@@ -158,9 +155,6 @@ def test_sample_draws_seeded_random_rows(cfg, tokenizer, catalog):
 def test_train_sampler_under_ddp_takes_this_ranks_share(cfg, tokenizer, catalog):
     """Under a (fake) 2-process trainer each rank's loader holds its own half; Lightning leaves a
     DistributedSampler in place instead of wrapping it again."""
-    from types import SimpleNamespace
-
-    from torch.utils.data import DistributedSampler
 
     shares = []
     for rank in (0, 1):

@@ -118,7 +118,7 @@ def test_bos_tokenizer_prompt_starts_with_bos_response_does_not():
 
 @pytest.mark.slow
 def test_llama3_prompt_starts_with_bos_128000_and_responses_do_not():
-    from msl_rec.models.tokenizers import load_llama3_tokenizer
+    from msl_rec.data.tokenizers import load_llama3_tokenizer
 
     tok = load_llama3_tokenizer()
     catalog = ItemCatalog(TITLES, tok)

@@ -3,6 +3,7 @@
 import random
 
 import pytest
+import torch
 
 from msl_rec.data.datamodule import EpochShuffleSampler
 
@@ -44,15 +45,13 @@ def test_each_epoch_is_a_permutation_and_a_function_of_seed_and_epoch(n, bucket)
 
 
 def test_unbucketed_single_process_is_the_seeded_randperm():
-    import torch
-
     g = torch.Generator().manual_seed(5 * 1_000_003 + 2)
     assert order(50, seed=5, epoch=2, bucket=False) == torch.randperm(50, generator=g).tolist()
 
 
 @pytest.mark.parametrize("bucket", [True, False])
 @pytest.mark.parametrize("n, replicas", [(203, 2), (203, 3), (64, 4), (5, 4)])
-def test_ranks_are_disjoint_equal_and_cover_every_row(n, replicas, bucket):
+def test_ranks_are_equal_and_cover_every_row(n, replicas, bucket):
     micro = 4
     shares = [order(n, 1, 1, bucket, micro, replicas, r) for r in range(replicas)]
     per_rank = -(-n // replicas)  # DistributedSampler's ceil(n / replicas)
@@ -60,11 +59,26 @@ def test_ranks_are_disjoint_equal_and_cover_every_row(n, replicas, bucket):
     flat = [i for s in shares for i in s]
     assert set(flat) == set(range(n))
     assert len(flat) - n == per_rank * replicas - n < replicas  # only DistributedSampler's padding repeats
-    # step k of every rank comes from the same global batch: rank shares of a global batch are disjoint
-    for k in range(0, per_rank, micro):
-        steps = [s[k:k + micro] for s in shares]
-        if len(flat) == n:
-            assert not set(steps[0]) & set().union(*map(set, steps[1:]))
+
+
+@pytest.mark.parametrize("bucket", [True, False])
+@pytest.mark.parametrize("n, replicas", [(204, 2), (204, 3), (64, 4), (8, 4)])
+def test_each_step_splits_one_global_batch_into_disjoint_rank_shares(n, replicas, bucket):
+    """No padding (``n`` a multiple of ``replicas``): at optimizer step k the ranks' micro-batches are
+    disjoint and together are exactly the single-process order's k-th batch of ``micro x replicas``
+    rows, so every rank trains on rows of the same length bucket and the global order does not depend
+    on the world size."""
+    micro = 4
+    shares = [order(n, 1, 1, bucket, micro, replicas, r) for r in range(replicas)]
+    one_process = order(n, 1, 1, bucket, micro * replicas)
+    steps = range(0, n // replicas, micro)
+    assert len(steps) == -(-n // (micro * replicas))
+    for k, start in enumerate(steps):
+        parts = [s[start:start + micro] for s in shares]
+        rows = [i for p in parts for i in p]
+        assert len(set(rows)) == len(rows), (k, parts)  # disjoint
+        global_batch = one_process[k * micro * replicas:(k + 1) * micro * replicas]
+        assert sorted(rows) == sorted(global_batch), k
 
 
 def test_micro_batches_are_length_sorted_within_mega_batches():

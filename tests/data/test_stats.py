@@ -41,7 +41,7 @@ def test_books_avt_llama3_matches_brute_force(capsys):
         cfg = compose("stats", overrides=["dataset=books", "backbone=llama3_8b"])
     result = stats(cfg)
     assert "AVT: 70.69" in capsys.readouterr().out
-    from msl_rec.models.tokenizers import load_llama3_tokenizer
+    from msl_rec.data.tokenizers import load_llama3_tokenizer
 
     catalog = ItemCatalog.from_file(cfg.dataset.item_file, load_llama3_tokenizer(), allow_empty_titles=True)
     assert result["avt"] == pytest.approx(brute_force_avt(catalog, read_samples(cfg.dataset.train_file)))
@@ -51,7 +51,7 @@ def test_books_avt_llama3_matches_brute_force(capsys):
 def test_show_prompt_prints_the_first_train_rows_prompt_as_json(tmp_path, capsys):
     import json
 
-    from msl_rec.models.tokenizers import load_gguf_tokenizer
+    from msl_rec.data.tokenizers import load_gguf_tokenizer
 
     from .test_prompts import RELEASED_TEMPLATE, RELEASED_WORDING
 

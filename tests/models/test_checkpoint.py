@@ -12,21 +12,35 @@ import lightning as L
 import numpy as np
 import pytest
 import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
 from omegaconf import OmegaConf
+from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+from torch.distributed.fsdp.wrap import ModuleWrapPolicy
+from transformers.models.llama.modeling_llama import LlamaDecoderLayer
 
+from msl_rec.eval import evaluate_app
 from msl_rec.models import checkpoint as C
-from msl_rec.models.module import RecLitModule
-from msl_rec.utils.config import CONFIG_DIR
+from msl_rec.training.module import RecLitModule
+from msl_rec.utils.config import CONFIG_DIR, PROJECT_ROOT
+from tests.conftest import compose
+
+
+def _yaml(group: str, name: str):
+    """A config group option as written, without its defaults list (its schema is checked at compose)."""
+    node = OmegaConf.load(f"{CONFIG_DIR}/{group}/{name}.yaml")
+    node.pop("defaults", None)
+    return node
 
 
 def _cfg(group: str, name: str, **over) -> dict:
-    return OmegaConf.to_container(OmegaConf.merge(OmegaConf.load(f"{CONFIG_DIR}/{group}/{name}.yaml"), over))
+    return OmegaConf.to_container(OmegaConf.merge(_yaml(group, name), over))
 
 
 def _module(loss: str = "msl_ats", **backbone_over) -> RecLitModule:
     backbone = _cfg("backbone", "tiny_llama", **backbone_over)
     # the loss node interpolates the backbone's settings (ATS stats_at), as in a composed config
-    loss_cfg = OmegaConf.create({"backbone": backbone, "loss": OmegaConf.load(f"{CONFIG_DIR}/loss/{loss}.yaml")})
+    loss_cfg = OmegaConf.create({"backbone": backbone, "loss": _yaml("loss", loss)})
     m = RecLitModule(backbone=backbone, loss=OmegaConf.to_container(loss_cfg, resolve=True)["loss"])
     m.configure_model()
     with torch.no_grad():  # a trained-looking adapter (B = 0 at init would make every check trivial)
@@ -102,6 +116,35 @@ def test_wrapper_prefixed_keys_load_and_mismatched_keys_are_named(tmp_path):
     with pytest.raises(C.CheckpointError, match="unexpected") as e:
         fresh.load_state_dict(renamed)
     assert "lora_A.other" in str(e.value)
+
+
+def _committed_adapter(name: str) -> Path:
+    """A committed comparison adapter (SmolLM2-135M, LoRA r=8 on q/v) in results/compare_cpu/."""
+    path = PROJECT_ROOT / "results" / "compare_cpu" / f"{name}.ckpt"
+    if not path.is_file():
+        pytest.fail(f"no committed adapter {name}.ckpt under results/compare_cpu/")
+    return path
+
+
+def test_committed_adapter_loads_with_identical_weights():
+    # the checkpoint format is a contract: the committed comparison must re-evaluate from these files
+    ckpt = C.read_checkpoint(_committed_adapter("msl_ats"))
+    saved = ckpt["state_dict"]
+    # built as its run was, with random base weights: the adapter does not depend on them (the GGUF
+    # base would take ~30 s to dequantise)
+    m = RecLitModule(backbone={**ckpt["hyper_parameters"]["backbone"], "source": "random"},
+                     loss=ckpt["hyper_parameters"]["loss"])
+    m.load_state_dict(saved)
+    got = C.adapter_state_dict(m)
+    assert set(got) == set(saved) and any(k.startswith("loss.") for k in saved)
+    for k, v in saved.items():
+        assert got[k].dtype == v.dtype and torch.equal(got[k], v), k
+    C.check_checkpoint_backbone(ckpt, m.hparams.backbone)
+    # the committed LML adapter has no loss state: loaded into the MSL-ATS module, an error naming the keys
+    lml = C.read_checkpoint(_committed_adapter("lml"))["state_dict"]
+    with pytest.raises(C.CheckpointError, match=r"3 missing, 0 unexpected.*loss\.") as e:
+        m.load_state_dict(lml)
+    assert "another backbone, LoRA setting or loss" in str(e.value)
 
 
 def test_checkpoint_from_another_lora_setting_is_an_error(tmp_path):
@@ -258,16 +301,11 @@ def test_each_rank_gets_its_own_rng_state():
 
 def _two_ranks(rank: int, init: str, out: str) -> None:
     """One of two gloo processes: per-rank RNG gather, and the adapter state under real FSDP."""
-    import torch.distributed as dist
 
     dist.init_process_group("gloo", init_method=init, rank=rank, world_size=2)
     try:
         torch.manual_seed(100 + rank)
         states = C.all_rng_states()
-
-        from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
-        from torch.distributed.fsdp.wrap import ModuleWrapPolicy
-        from transformers.models.llama.modeling_llama import LlamaDecoderLayer
 
         torch.manual_seed(0)
         m = _module()
@@ -287,8 +325,6 @@ def _two_ranks(rank: int, init: str, out: str) -> None:
 
 @pytest.mark.slow
 def test_two_ranks_rng_states_and_fsdp_adapter_state(tmp_path):
-    import torch.multiprocessing as mp
-
     out = tmp_path / "r.pt"
     mp.spawn(_two_ranks, args=(f"file://{tmp_path / 'pg'}", str(out)), nprocs=2, join=True)
     got = torch.load(out, weights_only=True)
@@ -310,9 +346,6 @@ def test_two_ranks_rng_states_and_fsdp_adapter_state(tmp_path):
 
 @pytest.mark.slow  # ~30 s on 2 busy cores: builds the Books catalog before the check
 def test_eval_app_refuses_a_checkpoint_of_another_backbone(tmp_path):
-    from msl_rec.eval import evaluate_app
-    from tests.conftest import compose
-
     _save(_module(), tmp_path / "tiny.ckpt")
     cfg = compose("eval.yaml", ["backbone=smollm2_135m", "logger=none", f"ckpt_path={tmp_path / 'tiny.ckpt'}",
                                 "subset=2"], tmp_path / "eval")
