@@ -30,7 +30,7 @@ test-full: install ## everything, including the slow real-model tests (SmolLM2, 
 lint: install ## ruff over the package, experiments and tests
 	$(PY) -m ruff check msl_rec experiments tests
 
-bench: install ## trie, loss, decoding and training benchmarks; prints ratios measured in one run
+bench: install ## trie, loss, decoding, default-evaluation (before/now) and training benchmarks; prints ratios measured in one run
 	$(PY) -m experiments.bench
 
 demo: install ## train MSL+ATS on SmolLM2 over a slice of Books; zero-shot vs trained vs popularity, same users
@@ -43,8 +43,13 @@ report: install ## tables, paired intervals + plots from finished runs: make rep
 	$(PY) -m experiments.report $(SWEEP) $(if $(OUT),--out $(OUT))
 
 PRESET ?= cpu
-compare: install ## LML vs MSL vs MSL+ATS, resumable: make compare PRESET=cpu (gpu: ARGS="--max-minutes 9", repeat)
-	$(PY) -m experiments.compare --preset $(PRESET) $(ARGS)
+COMPARE = $(PY) -m experiments.compare -cn compare_$(PRESET)
+TAUS ?= 1.0,1.5,2.5
+MODELS ?= lml,msl,msl_ats,popularity
+compare: install ## LML vs MSL vs MSL+ATS: a tau sweep, one job per model, the report; rerun to resume: make compare PRESET=cpu [ARGS=out=...]
+	$(COMPARE) -m stage=sweep tau=$(TAUS) $(ARGS)
+	$(COMPARE) -m stage=final model=$(MODELS) $(ARGS)
+	$(COMPARE) stage=report $(ARGS)
 
 clean: ## remove caches (keeps .venv and outputs)
 	rm -rf .pytest_cache .ruff_cache **/__pycache__

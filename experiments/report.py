@@ -301,7 +301,7 @@ def user_rows(run: dict) -> dict[int, dict]:
     The row is the prediction's ``row`` field when written, else its position plus the first row
     of the evaluation (``eval_key.json``; 0 for merged shards, which start at row 0 of the split).
     """
-    from msl_rec.decoding import load_predictions
+    from msl_rec.evaluation import load_predictions
     from msl_rec.metrics import compute_metrics
 
     path = run["predictions"]
@@ -323,7 +323,7 @@ def user_rows(run: dict) -> dict[int, dict]:
 
 def distinct_first(run: dict) -> int | None:
     """How many different titles an evaluation ranks first across its users (None: no predictions)."""
-    from msl_rec.decoding import load_predictions
+    from msl_rec.evaluation import load_predictions
 
     if run["predictions"] is None:
         return None

@@ -119,15 +119,24 @@ def test_report_tables_and_plots(tmp_path):
 
 
 @pytest.mark.slow  # the same 2-trial sweep runs in-process in tests/test_sweeps.py, checked against its storage
-def test_optuna_tau_sweep_maximises_validation_ndcg(tmp_path, tiny_overrides, cli):
+def test_optuna_tau_sweep_maximises_the_validation_objective(tmp_path, tiny_overrides, cli):
+    """The sweep's best is the trial with the highest objective, read back from each job's own
+    metrics.json. The objective is the validation target_logp (higher is better, as tau_optuna's
+    direction): unlike NDCG@10 (0 for every tau on the tiny model) it differs between taus, so a sweep
+    that minimised, or that reported another job's value, fails here."""
     sweep = tmp_path / "optuna"
-    cli("msl_rec.train", "-m", "experiment=tau_optuna", *tiny_overrides, "debug=fdr",
-        "hydra.sweeper.n_trials=2", f"hydra.sweep.dir={sweep}")
+    cli("msl_rec.train", "-m", "experiment=tau_optuna", *tiny_overrides, "debug=fdr", "monitor.metric=val/target_logp",
+        "monitor.mode=max", "hydra.sweeper.n_trials=2", f"hydra.sweep.dir={sweep}")
     result = yaml.safe_load((sweep / "optimization_results.yaml").read_text())
-    assert 1.0 <= result["best_params"]["loss.tau"] <= 5.0
-    assert 0.0 <= result["best_value"] <= 1.0
-    taus = [yaml.safe_load((sweep / str(j) / ".hydra" / "config.yaml").read_text())["loss"]["tau"] for j in (0, 1)]
-    assert taus[0] != taus[1] and result["best_params"]["loss.tau"] in taus
+    jobs = {}  # tau -> that job's objective, as its metrics.json (the best epoch's val/target_logp) holds it
+    for j in (0, 1):
+        tau = yaml.safe_load((sweep / str(j) / ".hydra" / "config.yaml").read_text())["loss"]["tau"]
+        jobs[tau] = json.loads((sweep / str(j) / "metrics.json").read_text())["target_logp"]
+    assert len(jobs) == 2 and len(set(jobs.values())) == 2, jobs  # two taus, two different objectives
+    best_tau = max(jobs, key=jobs.get)
+    assert result["best_params"]["loss.tau"] == best_tau
+    assert result["best_value"] == pytest.approx(jobs[best_tau], rel=1e-6)
+    assert 1.0 <= best_tau <= 5.0
 
 
 def test_report_paired_comparison_with_lml(tmp_path):
@@ -236,110 +245,96 @@ def test_compare_pick_tau():
     assert pick_tau({1.0: {"ndcg@10": 0.0}, 1.5: {"ndcg@10": 0.0}}, "ndcg@10", 1.5) == 1.5
 
 
-def test_compare_steps_run_in_dependency_order_skip_when_done_and_fail_loudly(tmp_path):
+def compare_config(*overrides: str, name: str = "compare_cpu"):
+    """The comparison's plan (experiments/configs/<name>.yaml) composed as a job would see it."""
+    from hydra import compose, initialize_config_dir
+
+    with initialize_config_dir(version_base="1.3", config_dir=str(PROJECT_ROOT / "experiments" / "configs")):
+        return compose(name, list(overrides))
+
+
+def test_compare_app_failure_names_its_log(tmp_path):
+    """A job whose app fails raises with the exit code and the app's log (the sweep then exits non-zero)."""
     import sys
-    import time
 
-    from experiments.compare import Step, run_steps
+    from experiments.compare import run_app
 
-    def writer(name: str, wait: float = 0.0):
-        # appends "<name> <time>" to a shared file, so the order of the runs can be read back
-        code = f"import time; time.sleep({wait}); open({str(tmp_path / 'order')!r}, 'a').write('{name}\\n')"
-        return lambda: [sys.executable, "-c", code]
-
-    for d in ("a", "b", "c"):
-        (tmp_path / d).mkdir()
-    after = []
-    steps = [Step("c", tmp_path / "c", writer("c"), deps=["a", "b"], after=lambda: after.append("c")),
-             Step("a", tmp_path / "a", writer("a", 0.5)), Step("b", tmp_path / "b", writer("b"))]
-    assert run_steps(steps, jobs=2, env={}, log_dir=tmp_path / "logs")
-    order = (tmp_path / "order").read_text().split()
-    assert sorted(order[:2]) == ["a", "b"] and order[2] == "c" and after == ["c"]
-    assert all((tmp_path / d / ".done").is_file() for d in "abc")
-    # a second run skips finished steps
-    assert run_steps(steps, jobs=2, env={}, log_dir=tmp_path / "logs")
-    assert (tmp_path / "order").read_text().split() == order
-    # a failing step stops the run with its log named; its dependants never start
-    (tmp_path / "d").mkdir()
-    (tmp_path / "e").mkdir()
-    bad = [Step("d", tmp_path / "d", lambda: [sys.executable, "-c", "raise SystemExit(5)"]),
-           Step("e", tmp_path / "e", writer("e"), deps=["d"])]
-    with pytest.raises(RuntimeError, match=r"step d failed \(exit 5\).*d\.log"):
-        run_steps(bad, jobs=2, env={}, log_dir=tmp_path / "logs")
-    assert not (tmp_path / "e" / ".done").exists() and "e" not in (tmp_path / "order").read_text().split()
-    # a deadline stops and kills its own running jobs; the step is not marked done
-    (tmp_path / "f").mkdir()
-    t0 = time.time()
-    slow = [Step("f", tmp_path / "f", lambda: [sys.executable, "-c", "import time; time.sleep(60)"])]
-    assert not run_steps(slow, jobs=1, env={}, log_dir=tmp_path / "logs", deadline=time.time() + 1)
-    assert time.time() - t0 < 30 and not (tmp_path / "f" / ".done").exists()
-    # a job that carries on after SIGTERM (as Lightning's predict loop does) is killed after the grace
-    import experiments.compare as compare_py
-
-    (tmp_path / "g").mkdir()
-    stubborn = ("import signal, time; signal.signal(signal.SIGTERM, lambda *a: print('ignored', flush=True)); "
-                "print('up', flush=True); time.sleep(60)")
-    t0 = time.time()
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(compare_py, "KILL_AFTER_S", 1)
-        assert not run_steps([Step("g", tmp_path / "g", lambda: [sys.executable, "-c", stubborn])], jobs=1, env={},
-                             log_dir=tmp_path / "logs", deadline=time.time() + 2)
-    assert time.time() - t0 < 30 and "ignored" in (tmp_path / "logs" / "g.log").read_text()
+    log = tmp_path / "logs" / "train-lml.log"
+    with pytest.raises(RuntimeError, match=rf"failed \(exit 5\); its output: {log}"):
+        run_app([sys.executable, "-c", "print('boom'); raise SystemExit(5)"], log, threads=1)
+    assert "boom" in log.read_text()
 
 
 @pytest.mark.slow
-def test_compare_driver_end_to_end_tiny(tmp_path, cli):
-    """The whole comparison on the tiny backbone: sweep, 3 trainings, evaluations, report, adapters;
-    a second run finds everything done. (Shards and their merge: the second test below.)"""
-    out, results = tmp_path / "cmp", tmp_path / "results"
-    args = ["--preset", "cpu", "--out", str(out), "backbone=tiny_llama", "data.train_subset=8",
-            "trainer.max_epochs=1", "optim.global_batch_size=4", "optim.warmup_steps=1", "compare.sweep.taus=[1.0,2.5]",
-            "compare.sweep.train_rows=4", "compare.sweep.eval_shard=867/868", "compare.eval.users=6",
-            "compare.eval.shards=1", "compare.eval.save_w=false", f"compare.results_dir={results}"]
-    proc = cli("experiments.compare", *args, timeout=900)
-    assert "MSL tau from the sweep" in proc.stdout
-    tau = json.loads((results / "tau.json").read_text())["tau"]
-    assert tau in (1.0, 2.5)
+def test_compare_sweep_and_report_end_to_end_tiny(tmp_path):
+    """The whole comparison on the tiny backbone, as make compare runs it: the tau sweep, one job per model
+    (two at a time), the report with adapters; the same commands again find everything done."""
+    import subprocess
+    import sys
+
+    out = tmp_path / "cmp"
+    train = ('train=["backbone=tiny_llama","data.train_subset=8","trainer.max_epochs=1",'
+             '"optim.global_batch_size=4","optim.warmup_steps=1"]')
+    plan = [f"out={out}", train, "sweep.train_rows=4", "sweep.eval_shard=867/868", "eval.users=6", "eval.save_w=[]"]
+    app = [sys.executable, "-m", "experiments.compare", "-cn", "compare_cpu"]
+    stages = [["-m", "stage=sweep", "tau=1.0,2.5"], ["-m", "stage=final", "model=lml,msl,msl_ats,popularity"],
+              ["stage=report"]]
+
+    def run(stage: list[str]) -> str:
+        proc = subprocess.run([*app, *stage, *plan], cwd=PROJECT_ROOT, capture_output=True, text=True, timeout=900,
+                              check=False)
+        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+        return proc.stdout + proc.stderr
+
+    for stage in stages:
+        run(stage)
+    tau = json.loads((out / "tau.json").read_text())
+    assert tau["tau"] in (1.0, 2.5) and set(tau["scores"]) == {"1", "2.5"}
     msl_cfg = yaml.safe_load((out / "train" / "msl" / ".hydra" / "config.yaml").read_text())
-    assert msl_cfg["loss"]["tau"] == tau and msl_cfg["data"]["train_subset"] == 8
+    assert msl_cfg["loss"]["tau"] == tau["tau"] and msl_cfg["data"]["train_subset"] == 8
+    results = out / "results"  # another out=: the committed results/compare_cpu is not touched
     for loss in ("lml", "msl", "msl_ats"):
         assert (results / f"{loss}.ckpt").stat().st_size > 0
         assert len((out / "eval" / loss / "predictions.jsonl").read_text().splitlines()) == 6
     text = (results / "results.md").read_text()
     assert "## Paired comparison with LML (same users)" in text and "| popularity |" in text
     assert (results / "tau_sweep" / "results.md").is_file()
-    again = cli("experiments.compare", *args, timeout=300)
-    assert "start" not in again.stdout and "done in" in again.stdout
+    checkpoints = {p: p.stat().st_mtime_ns for p in out.rglob("*.ckpt")}
+    again = run(stages[1])
+    assert again.count("done already") == 4 and {p: p.stat().st_mtime_ns for p in out.rglob("*.ckpt")} == checkpoints
 
 
 def test_compare_cpu_plan(tmp_path):
-    """The cpu preset's plan: sweep on users the evaluation does not see, MSL after the sweep,
-    2 shards per model then a merge, popularity on the same users; a training with an epoch
-    checkpoint resumes instead of starting over."""
-    from experiments.compare import build_steps
-    from msl_rec.eval import shard_range
+    """The cpu plan's jobs: the sweep on users the evaluation does not see, MSL at the sweep's tau,
+    Fig. 5's w for LML and MSL only, popularity on the same users; an interrupted training resumes."""
+    from experiments.compare import plan_runs, train_model
+    from msl_rec.evaluation.runner import shard_range
 
-    steps, _ = build_steps("cpu", [], tmp_path)
-    by = {s.name: s for s in steps}
-    assert {"sweep-tau_1", "sweep-tau_1.5", "sweep-tau_2.5", "train-lml", "train-msl", "train-msl_ats",
-            "eval-lml-0", "eval-lml-1", "merge-lml", "merge-msl", "merge-msl_ats", "eval-popularity"} <= set(by)
-    assert set(by["train-msl"].deps) == {"sweep-eval-tau_1", "sweep-eval-tau_1.5", "sweep-eval-tau_2.5"}
-    assert by["train-lml"].deps == [] and by["merge-lml"].deps == ["eval-lml-0", "eval-lml-1"]
-    sweep_eval = by["sweep-eval-tau_1.5"].command()
-    assert "shard=33/34" in sweep_eval and shard_range(3472, "33/34").start >= 1000  # disjoint from the eval users
-    assert "scoring.num_negatives=0" in sweep_eval and "scoring.num_negatives=0" in by["eval-lml-0"].command()
-    ev = by["eval-lml-1"].command()
-    assert {"subset=1000", "shard=1/2", "save_w=true", f"run_dir={tmp_path / 'train' / 'lml'}"} <= set(ev)
-    assert "save_w=false" in by["eval-msl_ats-0"].command()  # Fig. 5's w for LML and MSL only
-    names = [s.name for s in steps]  # every training before any evaluation: none waits behind them
-    assert max(names.index(f"train-{x}") for x in ("lml", "msl", "msl_ats")) < min(
-        i for i, x in enumerate(names) if x.startswith(("eval-lml", "eval-msl")))
-    assert "subset=1000" in by["eval-popularity"].command() and "decoder=popularity" in by["eval-popularity"].command()
-    sweep = by["sweep-tau_2.5"].command()
-    assert {"experiment=compare_cpu", "loss=msl", "loss.tau=2.5", "data.train_subset=256"} <= set(sweep)
+    (train, targs), (edir, eargs) = plan_runs(compare_config("stage=sweep", "tau=2.5", f"out={tmp_path}"))
+    assert train == tmp_path / "sweep" / "tau_2.5" and edir == tmp_path / "sweep_eval" / "tau_2.5"
+    assert targs == ["experiment=compare_cpu", "loss=msl", "loss.tau=2.5", "data.train_subset=256"]
+    assert "shard=33/34" in eargs and shard_range(3472, "33/34").start >= 1000  # disjoint from the eval users
+    assert f"run_dir={train}" in eargs and "scoring.num_negatives=0" in eargs
+    with pytest.raises(FileNotFoundError, match="no finished sweep evaluation; run stage=sweep first"):
+        plan_runs(compare_config("stage=final", "model=msl", f"out={tmp_path}"))
+    for tau, ndcg in ((1.0, 0.1), (2.5, 0.3)):
+        (tmp_path / "sweep_eval" / f"tau_{tau:g}").mkdir(parents=True, exist_ok=True)
+        (tmp_path / "sweep_eval" / f"tau_{tau:g}" / "metrics.json").write_text(json.dumps({"ndcg@10": ndcg}))
+    (train, targs), (edir, eargs) = plan_runs(compare_config("stage=final", "model=msl", f"out={tmp_path}"))
+    assert targs[-2:] == ["loss=msl", "loss.tau=2.5"] and json.loads((tmp_path / "tau.json").read_text())["tau"] == 2.5
+    assert {"subset=1000", "save_w=true", f"run_dir={tmp_path / 'train' / 'msl'}"} <= set(eargs)
+    assert "save_w=false" in plan_runs(compare_config("stage=final", "model=msl_ats", f"out={tmp_path}"))[1][1]
+    baseline, (edir, eargs) = plan_runs(compare_config("stage=final", "model=popularity", f"out={tmp_path}"))
+    assert baseline is None and edir == tmp_path / "eval" / "popularity" and "decoder=popularity" in eargs
+    assert "subset=1000" in eargs
+    # an interrupted training with a checkpoint continues (resume=, with the job's overrides for the app to check)
+    ran = []
     (tmp_path / "train" / "lml" / "checkpoints").mkdir(parents=True)
     (tmp_path / "train" / "lml" / "checkpoints" / "last.ckpt").write_bytes(b"")
-    assert by["train-lml"].command()[-1] == f"resume={tmp_path / 'train' / 'lml'}"
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr("experiments.compare.run_app", lambda cmd, log, threads: ran.append(cmd[3:]))
+        train_model(tmp_path / "train" / "lml", ["experiment=compare_cpu", "loss=lml"], tmp_path / "l.log", 1)
+    assert ran == [[f"resume={tmp_path / 'train' / 'lml'}", "experiment=compare_cpu", "loss=lml"]]
 
 
 @pytest.mark.slow
@@ -354,16 +349,18 @@ def test_demo_end_to_end_tiny(cli):
     assert "target_logp" in out
 
 
-def test_compare_merges_the_shards_w_values(tmp_path):
-    import numpy as np
+def test_compare_plan_lives_outside_the_training_presets():
+    """The training presets hold only training settings (their schema is strict); the comparison's
+    plan is experiments/configs/compare_<preset>.yaml, where a misspelt key is an error naming it."""
+    from hydra import compose, initialize_config_dir
+    from hydra.errors import ConfigCompositionException
 
-    from experiments.compare import merge_w
+    from msl_rec.utils.config import CONFIG_DIR
 
-    for i in range(2):
-        (tmp_path / str(i)).mkdir()
-        np.savez(tmp_path / str(i) / "w_values.npz", w_lml=np.full(3, i), w_msl=np.full(3, 10 + i),
-                 num_valid=np.full(3, 2), tau=np.float64(1.0))
-    merge_w([tmp_path / "0", tmp_path / "1"], tmp_path)
-    with np.load(tmp_path / "w_values.npz") as z:
-        assert z["w_lml"].tolist() == [0, 0, 0, 1, 1, 1] and z["w_msl"].tolist() == [10] * 3 + [11] * 3
-        assert float(z["tau"]) == 1.0 and len(z["num_valid"]) == 6
+    with initialize_config_dir(version_base="1.3", config_dir=CONFIG_DIR):
+        for preset in ("cpu", "gpu"):
+            assert "compare" not in compose("train.yaml", [f"experiment=compare_{preset}"]), preset
+    gpu = compare_config("stage=report", name="compare_gpu")
+    assert gpu.eval.users is None and gpu.sweep.train_rows == 2000 and gpu.sweep.metric == "ndcg@10"
+    with pytest.raises(ConfigCompositionException, match="eval.userz"):
+        compare_config("eval.userz=3")

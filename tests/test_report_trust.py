@@ -1,13 +1,12 @@
 """The report and the comparison driver never give a silently wrong result (issue 19): runs are
 grouped by (dataset, backbone, decoder, split, users, loss); a duplicated seed, a truncated file and
-a failed job are said out loud; ``experiments.compare --out`` writes nowhere else, and its resume
-refuses outputs made with other settings."""
+a failed job are said out loud; ``experiments.compare out=`` writes nowhere else, and a rerun refuses
+runs made with other settings."""
 
 from __future__ import annotations
 
 import json
 import re
-import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -159,48 +158,51 @@ def snapshot(folder: Path) -> dict[str, tuple[int, int]]:
     return {str(p): (p.stat().st_mtime_ns, p.stat().st_size) for p in sorted(folder.rglob("*"))}
 
 
-SMALL_PLAN = ["backbone=tiny_llama", "compare.eval.shards=1", "compare.sweep.taus=[1.0]",
-              "compare.eval.users=4"]
+SMALL_PLAN = ['train=["backbone=tiny_llama"]', "eval.users=4"]
+
+
+def compare_cfg(root: Path, *overrides: str):
+    """A comparison job's config (experiments/configs/compare_cpu.yaml) with ``out=root``."""
+    from hydra import compose, initialize_config_dir
+
+    with initialize_config_dir(version_base="1.3", config_dir=str(PROJECT_ROOT / "experiments" / "configs")):
+        return compose("compare_cpu", [f"out={root}", *SMALL_PLAN, *overrides])
 
 
 def fake_finished_comparison(root: Path) -> None:
-    """The outputs of a finished ``experiments.compare --preset cpu`` with SMALL_PLAN, each step's
-    folder marked done: the driver only reports and copies."""
+    """The outputs of a finished comparison with SMALL_PLAN (a tau sweep of tau 1, three losses and
+    popularity), each run with the overrides its job gives it: the jobs find everything done."""
     import torch
 
-    trainings = [("train", "lml", LML), ("train", "msl", MSL), ("train", "msl_ats", LML | {"tau": 2.0}),
-                 ("sweep", "tau_1", LML)]
-    for kind, name, loss in trainings:
-        run = make_run(root / kind / name, train_cfg(loss, 42))
-        (run / "checkpoints").mkdir()
-        torch.save({"state_dict": {"w": torch.zeros(2)}}, run / "checkpoints" / "last.ckpt")
-        (run / ".done").write_text("0 s\n")
-    evaluations = [("eval", "lml", root / "train" / "lml"), ("eval", "msl", root / "train" / "msl"),
-                   ("eval", "msl_ats", root / "train" / "msl_ats"), ("eval", "popularity", None),
-                   ("sweep_eval", "tau_1", root / "sweep" / "tau_1")]
-    for kind, name, run_dir in evaluations:
-        make_eval(root / kind / name, run_dir, [0, -1, -1, -1], [0, 1, 2, 3],
-                  decoder="popularity" if run_dir is None else "cbs_masked")
-        (root / kind / name / ".done").write_text("0 s\n")
-    (root / "tau.json").write_text(json.dumps({"tau": 1.0}))
+    from experiments.compare import plan_runs
+
+    points = [("stage=sweep", "tau=1.0")] + [("stage=final", f"model={m}") for m in ("lml", "msl", "msl_ats", "popularity")]
+    for point in points:
+        train, (eval_dir, eval_args) = plan_runs(compare_cfg(root, *point))
+        if train is not None:
+            loss = {"msl": MSL, "msl_ats": LML | {"tau": 2.0}}.get(train[0].name, LML)
+            run = make_run(train[0], train_cfg(loss, 42))
+            (run / ".hydra" / "overrides.yaml").write_text(yaml.safe_dump(train[1]))
+            (run / "checkpoints").mkdir()
+            torch.save({"state_dict": {"w": torch.zeros(2)}}, run / "checkpoints" / "last.ckpt")
+        make_eval(eval_dir, None if train is None else train[0], [0, -1, -1, -1], [0, 1, 2, 3],
+                  decoder="cbs_masked" if train else "popularity")
+        (eval_dir / ".hydra" / "overrides.yaml").write_text(yaml.safe_dump(eval_args))
 
 
 def test_compare_out_writes_nothing_outside_it(tmp_path, monkeypatch):
-    """With --out, the report, adapters, tau.json and run copies go under it (old: into the project's
-    experiments/results/compare_cpu, here a stand-in project root)."""
-    from experiments.compare import main
-    from msl_rec.utils import config
+    """With out=, the jobs, the report, adapters, tau.json and run copies stay under it (old: the report
+    went into the project's results/compare_cpu, here a stand-in project root)."""
+    import experiments.compare as compare_py
 
-    committed = PROJECT_ROOT / "experiments" / "results"
+    committed = PROJECT_ROOT / "results"
     before = snapshot(committed)
-    monkeypatch.setattr(config, "PROJECT_ROOT", tmp_path / "project")
+    monkeypatch.setattr(compare_py, "PROJECT_ROOT", tmp_path / "project")
     out = tmp_path / "cmp"
     fake_finished_comparison(out)
-    handler = signal.getsignal(signal.SIGTERM)
-    try:
-        assert main(["--preset", "cpu", "--out", str(out), *SMALL_PLAN]) == 0
-    finally:
-        signal.signal(signal.SIGTERM, handler)
+    for model in ("lml", "msl", "msl_ats", "popularity"):
+        compare_py.compare_job(compare_cfg(out, "stage=final", f"model={model}"))
+    compare_py.report(compare_cfg(out, "stage=report"))
     results = out / "results"
     assert "## Paired comparison with LML (same users)" in (results / "results.md").read_text()
     assert (results / "tau_sweep" / "results.md").is_file() and (results / "tau.json").is_file()
@@ -210,51 +212,23 @@ def test_compare_out_writes_nothing_outside_it(tmp_path, monkeypatch):
     assert snapshot(committed) == before
 
 
-def test_compare_resume_refuses_other_settings(tmp_path):
-    """A step's output made with other settings is neither reused (done) nor resumed (partial): the
-    error names the differing keys, and nothing starts."""
-    from experiments.compare import Step, run_steps
-
-    def step(name: str, x: int, deps: tuple[str, ...] = ()) -> Step:
-        code = f"open({str(tmp_path / 'ran')!r}, 'a').write('{name}\\n')"
-        (tmp_path / name).mkdir(exist_ok=True)
-        return Step(name, tmp_path / name, lambda: [sys.executable, "-c", code], list(deps),
-                    settings=lambda: {"optim.lr": x, "seed": 42})
-
-    assert run_steps([step("a", 1), step("b", 1, ("a",))], jobs=1, env={}, log_dir=tmp_path / "logs")
-    assert json.loads((tmp_path / "a" / "step_settings.json").read_text()) == {"optim.lr": 1, "seed": 42}
-    # the same settings: skipped
-    assert run_steps([step("a", 1), step("b", 1, ("a",))], jobs=1, env={}, log_dir=tmp_path / "logs")
-    with pytest.raises(ValueError, match=r"step a: .* other settings \(optim.lr: 1 then, 2 now\)"):
-        run_steps([step("a", 2), step("b", 1, ("a",))], jobs=1, env={}, log_dir=tmp_path / "logs")
-    # b's own settings are unchanged, but a (its dependency) was made with others
-    (tmp_path / "a" / ".done").unlink()
-    (tmp_path / "a" / "step_settings.json").unlink()
-    with pytest.raises(ValueError, match=r"step b: .*other settings \(after a: "):
-        run_steps([step("a", 2), step("b", 1, ("a",))], jobs=1, env={}, log_dir=tmp_path / "logs")
-    # a partial output (not done) is not resumed with other settings either
-    (tmp_path / "b" / ".done").unlink()
-    with pytest.raises(ValueError, match=r"step b: .*optim.lr: 1 then, 3 now"):
-        run_steps([step("b", 3)], jobs=1, env={}, log_dir=tmp_path / "logs")
-    assert (tmp_path / "ran").read_text().split() == ["a", "b", "a"]  # a redone; b never twice
-
-
-def test_compare_resume_refuses_a_changed_override(tmp_path):
-    """The driver's steps record their app's composed config: a rerun with another optim.lr refuses
-    to reuse the trainings (and, through them, the evaluations)."""
-    from experiments.compare import SettingsCheck, build_steps, run_steps
+def test_compare_rerun_refuses_runs_made_with_other_settings(tmp_path, monkeypatch):
+    """A finished job is skipped (no app runs) with the same settings; with another training or
+    evaluation override it is an error naming the overrides that differ, and nothing runs (old: the
+    finished runs were reused silently)."""
+    import experiments.compare as compare_py
 
     root = tmp_path / "cmp"
     fake_finished_comparison(root)
-    steps, _ = build_steps("cpu", SMALL_PLAN, root)
-    check = SettingsCheck({s.name: s for s in steps})
-    for s in steps:
-        check(s, record=True)
-    # the same settings: all done, nothing runs
-    assert run_steps(steps, jobs=1, env={}, log_dir=root / "logs")
-    steps, _ = build_steps("cpu", [*SMALL_PLAN, "optim.lr=0.001"], root)
-    with pytest.raises(ValueError, match=r"step sweep-tau_1: .*optim.lr: 0.0005 then, 0.001 now"):
-        run_steps(steps, jobs=1, env={}, log_dir=root / "logs")
-    eval_lml = next(s for s in steps if s.name == "eval-lml")
-    with pytest.raises(ValueError, match=r"step eval-lml: .*\(after train-lml: "):
-        SettingsCheck({s.name: s for s in steps})(eval_lml, record=False)
+    ran = []
+    monkeypatch.setattr(compare_py, "run_app", lambda cmd, log, threads: ran.append(cmd))
+    compare_py.compare_job(compare_cfg(root, "stage=final", "model=msl"))
+    compare_py.compare_job(compare_cfg(root, "stage=sweep", "tau=1.0"))
+    assert ran == []
+    with pytest.raises(ValueError, match=rf"{re.escape(str(root / 'train' / 'lml'))} was made with other overrides "
+                                         r"\(optim.lr=0.001 differ\)"):
+        compare_py.compare_job(compare_cfg(root, "stage=final", "model=lml",
+                                           'train=["backbone=tiny_llama","optim.lr=0.001"]'))
+    with pytest.raises(ValueError, match=r"eval/popularity was made with other overrides \(subset=4, subset=5 differ\)"):
+        compare_py.compare_job(compare_cfg(root, "stage=final", "model=popularity", "eval.users=5"))
+    assert ran == []
