@@ -58,7 +58,7 @@ def last_train_loss(run_dir: Path) -> float:
 def check_fsdp(run_dir: Path) -> list[str]:
     """What test_fsdp_sim_trains_validates_checkpoints_and_reloads checks, at bf16 tolerance."""
     from experiments.probes import probe_batch
-    from msl_rec.models.module import RecLitModule
+    from msl_rec.training.module import RecLitModule
 
     problems = []
     ckpt = run_dir / "checkpoints" / "last.ckpt"
@@ -90,9 +90,10 @@ def eval_speed(run_dir: Path) -> tuple[float, int, int]:
     """(users/s, users, peak bytes) of cbs_masked on ``run_dir``'s last checkpoint, as msl-rec-eval runs it."""
     from omegaconf import OmegaConf
 
-    from msl_rec.decoding import build_decoder, evaluate
-    from msl_rec.models.module import RecLitModule
-    from msl_rec.train import build_data
+    from msl_rec.data.build import build_data
+    from msl_rec.decoding import build_decoder
+    from msl_rec.evaluation import evaluate
+    from msl_rec.training.module import RecLitModule
     from msl_rec.utils import config as _config  # noqa: F401  (registers ${project_root:})
 
     cfg = OmegaConf.load(run_dir / ".hydra" / "config.yaml")

@@ -14,12 +14,12 @@ from __future__ import annotations
 import hydra
 from omegaconf import DictConfig
 
+from msl_rec.data.preprocess import preprocess
 from msl_rec.utils.config import CONFIG_DIR
 
 
 def run(cfg: DictConfig) -> dict[str, int]:
     # imported here: msl_rec.data pulls in torch and Lightning, which `--help` does not need
-    from msl_rec.data.preprocess import preprocess
 
     counts = preprocess(cfg.reviews_file, cfg.meta_file, cfg.output_dir, k_core_min=cfg.k_core,
                         window=cfg.window, split=list(cfg.split), overwrite=cfg.overwrite)

@@ -26,8 +26,9 @@ import numpy as np
 from omegaconf import DictConfig
 
 from msl_rec.data.catalog import ItemCatalog
-from msl_rec.data.io import Sample, read_samples
+from msl_rec.data.io import Sample, dataset_file, read_samples
 from msl_rec.data.prompts import PromptBuilder
+from msl_rec.data.tokenizers import load_tokenizer
 from msl_rec.utils.config import CONFIG_DIR
 
 
@@ -69,9 +70,6 @@ def format_stats(stats: dict[str, float], name: str, backbone: str) -> str:
 
 
 def stats(cfg: DictConfig) -> dict[str, float]:
-    from msl_rec.data.io import dataset_file
-    from msl_rec.models.tokenizers import load_tokenizer
-
     item_file, train_file = dataset_file(cfg.dataset, "item_file"), dataset_file(cfg.dataset, "train_file")
     tokenizer = load_tokenizer(cfg.backbone.tokenizer)
     catalog = ItemCatalog.from_file(item_file, tokenizer,

@@ -11,7 +11,7 @@ from msl_rec.data.errors import DataError
 
 
 def test_unbuilt_dataset_names_the_file_and_the_build_command(compose_train, tmp_path):
-    from msl_rec.train import build_data
+    from msl_rec.data.build import build_data
 
     root = tmp_path / "toy"
     cfg = compose_train("dataset=toy", f"dataset.root={root}")

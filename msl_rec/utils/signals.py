@@ -35,6 +35,8 @@ import lightning as L
 from lightning.pytorch.callbacks import Checkpoint
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
+from msl_rec.utils.callbacks import MidEpochResume
+
 log = logging.getLogger(__name__)
 
 SIGTERM_EXIT_CODE = 128 + signal.SIGTERM  # 143, what a shell reports for a SIGTERM'd process
@@ -50,7 +52,6 @@ def can_resume_mid_epoch(trainer: L.Trainer) -> bool:
     """Whether ``resume=`` can continue this run from a mid-epoch checkpoint: the conditions of
     :class:`~msl_rec.utils.callbacks.MidEpochResume` (one process, a sampler with ``resume_at``) and
     that callback in the run."""
-    from msl_rec.utils.callbacks import MidEpochResume
 
     sampler = getattr(trainer.train_dataloader, "sampler", None)
     return (trainer.world_size == 1 and hasattr(sampler, "resume_at")

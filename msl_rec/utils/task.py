@@ -19,7 +19,9 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from hydra.core.hydra_config import HydraConfig
 from hydra.experimental.callback import Callback
+from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
@@ -33,9 +35,6 @@ FAILED_FILE = "failed.json"
 
 def is_multirun() -> bool:
     try:
-        from hydra.core.hydra_config import HydraConfig
-        from hydra.types import RunMode
-
         return HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
     except (ImportError, ValueError):  # no hydra, or no HydraConfig set (a plain call)
         return False
@@ -55,7 +54,6 @@ def close_loggers() -> None:
 def job_folder_and_overrides(cfg: DictConfig) -> tuple[Path | None, list[str]]:
     """This job's folder (Hydra's ``runtime.output_dir``, else ``cfg.paths.output_dir``) and its task
     overrides (``[]`` outside Hydra)."""
-    from hydra.core.hydra_config import HydraConfig
 
     if HydraConfig.initialized():
         hc = HydraConfig.get()
