@@ -41,7 +41,7 @@ def run_eval(code: Path, out: Path, users: int, threads: int, adapter: Path) -> 
     env = {**os.environ, "PYTHONPATH": str(code), "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads),
            "WANDB_MODE": "disabled"}
     cmd = [sys.executable, "-m", "msl_rec.eval", f"ckpt_path={adapter}", f"subset={users}",
-           f"hydra.run.dir={out}", "resume=false", "trainer.enable_progress_bar=false"]
+           f"hydra.run.dir={out}", "resume=false"]
     t0 = time.perf_counter()
     proc = subprocess.run(cmd, check=False, cwd=code, env=env, capture_output=True, text=True)
     seconds = time.perf_counter() - t0
