@@ -80,9 +80,10 @@ register_resolvers()
 register_schemas()  # what the configs' Defaults Lists name (train_schema, loss/schema_msl, ...)
 
 
-def plain(node: Any) -> Any:
-    """A DictConfig/ListConfig as plain, resolved Python data (dicts, lists, scalars); anything else as is.
-    What is saved (checkpoint hyperparameters, eval keys) is plain data, never an OmegaConf node."""
+def plain(node: Any, resolve: bool = True) -> Any:
+    """A DictConfig/ListConfig as plain Python data (dicts, lists, scalars), interpolations resolved unless
+    ``resolve=False``; anything else as is. What is saved (checkpoint hyperparameters, eval keys) is plain
+    data, never an OmegaConf node."""
     if isinstance(node, (DictConfig, ListConfig)):
-        return OmegaConf.to_container(node, resolve=True)
+        return OmegaConf.to_container(node, resolve=resolve)
     return node

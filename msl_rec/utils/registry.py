@@ -16,7 +16,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from omegaconf import DictConfig, ListConfig, OmegaConf
+from msl_rec.utils.config import plain
 
 LOSSES = {
     "msl_rec.losses.LMLLoss": "lml",
@@ -80,12 +80,6 @@ class ConfigSecurityError(ValueError):
     """A config (or a file's config) names a class or object outside the allowlist."""
 
 
-def _plain(cfg: Any) -> Any:
-    if isinstance(cfg, (DictConfig, ListConfig)):
-        return OmegaConf.to_container(cfg, resolve=False)
-    return cfg
-
-
 def _refuse(key: str, name: Any, source: str, allowed: frozenset) -> None:
     raise ConfigSecurityError(
         f"{source}: {key}={name!r} is not a msl-rec component; nothing in that config was built or run. "
@@ -97,7 +91,7 @@ def check_targets(cfg: Any, source: str, prefix: str = "") -> None:
     """Raise :class:`ConfigSecurityError` naming ``source`` and the key when ``cfg`` (a mapping or
     list, nested) names a ``_target_`` not in :data:`ALLOWED_TARGETS`, a ``get_object`` path or an
     ``auto_wrap_policy`` entry not in :data:`ALLOWED_OBJECTS`. Nothing is imported."""
-    cfg = _plain(cfg)
+    cfg = plain(cfg, resolve=False)  # checked before any interpolation or resolver runs
     if isinstance(cfg, Mapping):
         target = cfg.get("_target_")
         if target is not None:
