@@ -11,7 +11,6 @@
 from msl_rec.evaluation.evaluate import EvalResult, summarize
 from msl_rec.evaluation.predict import BatchPredictor
 from msl_rec.evaluation.runner import evaluate
-from msl_rec.evaluation.scoring import TargetScorer
 from msl_rec.evaluation.store import load_predictions
 
-__all__ = ["BatchPredictor", "EvalResult", "TargetScorer", "evaluate", "load_predictions", "summarize"]
+__all__ = ["BatchPredictor", "EvalResult", "evaluate", "load_predictions", "summarize"]

@@ -39,7 +39,6 @@ from dataclasses import dataclass, fields
 
 import numpy as np
 
-MASK_MODES = ("before", "after")
 
 
 @dataclass(frozen=True)
@@ -91,43 +90,3 @@ def sample_negatives(catalog, num_negatives: int, seed: int, user_id: int, targe
     rng = np.random.default_rng([int(seed), int(user_id), int(target_id)])
     draw = rng.choice(n_seqs - 1, size=n, replace=False)
     return [int(s) + (s >= target_seq) for s in draw]  # skip the target's sequence
-
-
-class TargetScorer:
-    """Scoring settings matched to a decoder, for callers that still pair ``predict_batch`` with a
-    scorer (``msl_rec.evaluation.evaluate`` / ``msl_rec.eval`` until they use
-    :class:`~msl_rec.evaluation.predict.BatchPredictor`, which does the scoring itself).
-
-    Args:
-        catalog: the item catalog.
-        mask: the decoder's masking, ``"before"`` or ``"after"``.
-        num_negatives, seed, chunk_size: :class:`ScoringSettings`.
-    """
-
-    def __init__(self, catalog, mask: str = "before", num_negatives: int = 0, seed: int = 0, chunk_size: int = 32):
-        if mask not in MASK_MODES:
-            raise ValueError(f"scoring: mask must be one of {MASK_MODES}, got {mask!r}")
-        self.catalog, self.mask = catalog, mask
-        self.config = ScoringSettings.from_config({"num_negatives": num_negatives, "seed": seed,
-                                                   "chunk_size": chunk_size})
-        self.num_negatives = self.config.num_negatives
-
-    @classmethod
-    def for_decoder(cls, decoder, catalog, scoring: Mapping | None = None) -> TargetScorer | None:
-        """The scorer matching ``decoder``'s masking; None for decoders without a model or when
-        ``scoring.target_logp`` is false."""
-        settings = ScoringSettings.from_config(scoring)
-        mask = getattr(decoder, "mask", None)
-        if not settings.target_logp or not getattr(decoder, "needs_model", False) or mask is None:
-            return None
-        return cls(catalog, mask=mask, num_negatives=settings.num_negatives, seed=settings.seed,
-                   chunk_size=settings.chunk_size)
-
-    @property
-    def settings(self) -> dict:
-        """The ``scoring`` mapping a :class:`~msl_rec.evaluation.predict.BatchPredictor` takes."""
-        return {"target_logp": True, "num_negatives": self.num_negatives, "seed": self.config.seed,
-                "chunk_size": self.config.chunk_size}
-
-    def negatives(self, user_id: int, target_id: int) -> list[int]:
-        return sample_negatives(self.catalog, self.num_negatives, self.config.seed, user_id, target_id)
