@@ -40,7 +40,6 @@ from dataclasses import dataclass, fields
 import numpy as np
 
 
-
 @dataclass(frozen=True)
 class ScoringSettings:
     """The ``scoring:`` config node.
