@@ -1,7 +1,8 @@
 """Recommendation losses: one small module per loss over a shared :class:`ResponseBatch`.
 
 ``LMLLoss`` (language modelling, the BIGRec baseline), ``MSLLoss`` (masked softmax over the trie's
-valid tokens), ``MSLATSLoss`` (MSL with adaptive temperature) and ``SDPOLoss`` (softmax DPO).
+valid tokens), ``MSLATSLoss`` (MSL with adaptive temperature) and ``SDPOLoss`` (softmax DPO); the item-ID
+sequential models' ``BCELoss``, ``CELoss`` and ``DROSLoss`` (:mod:`msl_rec.losses.sequential`).
 The pure functions behind them are in :mod:`msl_rec.losses.functional`; :func:`build_loss` builds
 one from its ``configs/loss`` node.
 """
@@ -18,11 +19,12 @@ from msl_rec.losses.base import RecLoss, ResponseBatch
 from msl_rec.losses.lml import LMLLoss
 from msl_rec.losses.msl import MSLATSLoss, MSLLoss
 from msl_rec.losses.sdpo import SDPOLoss
+from msl_rec.losses.sequential import BCELoss, CELoss, DROSLoss
 from msl_rec.utils.config import plain
 from msl_rec.utils.registry import LOSSES, ConfigSecurityError, check_targets
 
-__all__ = ["LMLLoss", "MSLATSLoss", "MSLLoss", "RecLoss", "ResponseBatch", "SDPOLoss", "build_loss",
-           "loss_settings"]
+__all__ = ["BCELoss", "CELoss", "DROSLoss", "LMLLoss", "MSLATSLoss", "MSLLoss", "RecLoss", "ResponseBatch", "SDPOLoss",
+           "build_loss", "loss_settings"]
 
 
 def loss_settings(loss_cfg: Mapping[str, Any], backbone_cfg: Mapping[str, Any] | None = None) -> dict[str, Any]:
