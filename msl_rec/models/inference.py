@@ -23,6 +23,9 @@ What it owns:
   (row, token) candidates only where that is cheaper than the full output layer.
 * **Sequence log-probabilities** of responses after encoded prompts (:meth:`LMRunner.response_logps`),
   several users' candidates in one forward.
+* **Text embeddings** (:meth:`LMRunner.text_embeddings`, BIGRec's grounding): the final hidden state at
+  a text's last token, the text run on its own; with the adapter or without (the backbone's own
+  weights); a fixed set (the catalog's titles) computed once per weights version.
 """
 
 from __future__ import annotations
@@ -108,30 +111,43 @@ def prefix_attention_configs(model: nn.Module) -> list | None:
 class ModelCopies:
     """The model in a given dtype: the model itself when its weights already are, else a frozen copy
     with any LoRA adapter merged, rebuilt when the weights change (:func:`weights_version`). The
-    training model is never cast in place. One copy per dtype is kept."""
+    training model is never cast in place. One copy per dtype is kept (and one without the adapter,
+    for :meth:`LMRunner.text_embeddings` ``base=True``, only when asked for)."""
 
     def __init__(self):
-        self._copies: dict[torch.dtype, tuple[tuple, nn.Module]] = {}
+        self._copies: dict[tuple[torch.dtype, bool], tuple[tuple, nn.Module]] = {}
 
-    def get(self, model: nn.Module, dtype: torch.dtype, version: tuple | None = None) -> nn.Module:
-        if next(model.parameters()).dtype == dtype:
+    def get(self, model: nn.Module, dtype: torch.dtype, version: tuple | None = None,
+            adapter: bool = True) -> nn.Module:
+        """``adapter=False``: a copy of the backbone's own weights, any LoRA adapter removed unmerged
+        (the model itself only when it has no adapter)."""
+        if next(model.parameters()).dtype == dtype and (adapter or not hasattr(model, "unload")):
             return model
         version = weights_version(model) if version is None else version
-        held = self._copies.get(dtype)
+        held = self._copies.get((dtype, adapter))
         if held is None or held[0] != version:
-            self._copies.pop(dtype, None)  # free the old copy first
+            self._copies.pop((dtype, adapter), None)  # free the old copy first
             frozen = copy.deepcopy(model)
             if dtype == torch.float32:  # up-casting is exact: cast first, so the merge runs in float32
                 frozen = frozen.to(dtype)
-            if hasattr(frozen, "merge_and_unload"):  # down-casting: merged in float32, then one rounding
+            if not adapter and hasattr(frozen, "unload"):
+                frozen = frozen.unload()
+            elif hasattr(frozen, "merge_and_unload"):  # down-casting: merged in float32, then one rounding
                 frozen = frozen.merge_and_unload()
-            self._copies[dtype] = (version, frozen.to(dtype).eval())
-        return self._copies[dtype][1]
+            self._copies[(dtype, adapter)] = (version, frozen.to(dtype).eval())
+        return self._copies[(dtype, adapter)][1]
 
-    def held(self, dtype: torch.dtype) -> nn.Module | None:
+    def held(self, dtype: torch.dtype, adapter: bool = True) -> nn.Module | None:
         """The copy currently held in ``dtype`` (None if none): for tests and memory checks."""
-        held = self._copies.get(dtype)
+        held = self._copies.get((dtype, adapter))
         return None if held is None else held[1]
+
+
+def backbone_version(model: nn.Module) -> tuple:
+    """:func:`weights_version` of the backbone's own weights (every parameter but the LoRA adapter's):
+    what the model computes with its adapter switched off, unchanged by training the adapter."""
+    return (id(model), model.training,
+            tuple((id(p), p._version) for n, p in model.named_parameters() if "lora_" not in n))
 
 
 # ---------------------------------------------------------------------------- prompts
@@ -211,6 +227,8 @@ class CausalLMInference:
                              if share_preamble and preamble_ids is not None and len(preamble_ids) else None)
         self.copies = ModelCopies()
         self.preamble: tuple | None = None  # (weights version, tokens, per-layer (k, v) of shape (1, Hkv, P, d))
+        # text_embeddings(cache_key=...): (cache_key, base) -> (weights version, texts, (n, d) embeddings)
+        self.text_cache: dict[tuple[str, bool], tuple[tuple, tuple, torch.Tensor]] = {}
 
     @property
     def compute_dtype(self) -> str:
@@ -220,15 +238,17 @@ class CausalLMInference:
     def bind(self, model: nn.Module) -> LMRunner:
         """A runner over ``model``'s current weights in this dtype."""
         version = weights_version(model)
-        return LMRunner(self, self.copies.get(model, self.torch_dtype, version), version)
+        return LMRunner(self, self.copies.get(model, self.torch_dtype, version), version, source=model)
 
 
 class LMRunner:
     """``model`` (already in the inference dtype) bound to its :class:`CausalLMInference`: the calls
-    beam search and scoring make. Every call runs without grad and with autocast off."""
+    beam search and scoring make. Every call runs without grad and with autocast off. ``source``: the
+    model ``model`` was made from (itself, or the model a dtype copy was made of; default ``model``)."""
 
-    def __init__(self, owner: CausalLMInference, model: nn.Module, version: tuple):
+    def __init__(self, owner: CausalLMInference, model: nn.Module, version: tuple, source: nn.Module | None = None):
         self.owner, self.model, self.version = owner, model, version
+        self.source = model if source is None else source
         self.device = next(model.parameters()).device
         self.body = backbone_body(model)
         self.head_weight = plain_head_weight(model)
@@ -372,6 +392,66 @@ class LMRunner:
             valid = torch.cat([torch.nn.functional.pad(v, (0, k - v.shape[1]), value=-1) for v in valid_ids]).to(device)
         return sequence_logps(hidden[real].float(), self.head_weight.float(), toks[real], seq_index, c, valid)
 
+    # ------------------------------------------------------------------ texts
+    @_no_autocast
+    def text_embeddings(self, texts: Sequence[Sequence[int]], base: bool = False, cache_key: str | None = None,
+                        batch_size: int = 64) -> torch.Tensor:
+        """(n, d) float32 final hidden state (after the last norm: transformers' ``hidden_states[-1]``) at
+        each text's last token, each text (token ids, nothing added) run on its own from position 0.
+
+        Args:
+            base: embed with the backbone's own weights, the LoRA adapter switched off (BIGRec embeds
+                with the un-tuned LLM); False: with the model as evaluated.
+            cache_key: keep the result under this name and return it while the weights
+                (:func:`weights_version`; with ``base``, :func:`backbone_version`) and ``texts`` are
+                unchanged: the catalog's titles are embedded once per weights version.
+            batch_size: texts per forward. Only texts of one length share a forward (no padding), so a
+                text's embedding does not depend on the others beyond float rounding; 1: exactly alone.
+        """
+        if not texts or min(map(len, texts)) < 1:
+            raise ValueError("text_embeddings: every text needs at least one token")
+        key = (cache_key, bool(base))
+        version = (backbone_version(self.source) if base else self.version) if cache_key is not None else None
+        held = self.owner.text_cache.get(key) if cache_key is not None else None
+        frozen = tuple(map(tuple, texts)) if cache_key is not None else None
+        if held is not None and held[0] == version and held[1] == frozen:
+            return held[2]
+        lengths = np.array([len(t) for t in texts])
+        rows_of, last = [], []
+        with self._embedding_body(base) as body:
+            configs = list({id(m.config): m.config for m in body.modules()
+                            if hasattr(getattr(m, "config", None), "_attn_implementation")}.values())
+            # eager attention, as response_logps: CPU SDPA's sum order depends on the thread count
+            with self.attention_implementation("eager", configs):
+                for length in np.unique(lengths).tolist():
+                    same = np.nonzero(lengths == length)[0]
+                    for lo in range(0, len(same), batch_size):
+                        rows = same[lo: lo + batch_size]
+                        ids = torch.tensor([list(texts[i]) for i in rows], dtype=torch.long, device=self.device)
+                        pos = torch.arange(length, device=self.device)[None].expand(len(rows), -1)
+                        hidden = body(input_ids=ids, position_ids=pos, use_cache=False).last_hidden_state
+                        rows_of.append(rows)
+                        last.append(hidden[:, -1].float())
+        stacked = torch.cat(last)
+        out = torch.empty_like(stacked)
+        out[torch.from_numpy(np.concatenate(rows_of)).to(self.device)] = stacked
+        if cache_key is not None:
+            self.owner.text_cache[key] = (version, frozen, out)
+        return out
+
+    @contextlib.contextmanager
+    def _embedding_body(self, base: bool):
+        """The decoder stack to embed texts with: this runner's, or (``base``) one without the LoRA
+        adapter: the model itself under peft's ``disable_adapter()`` when this runner runs it directly,
+        else an adapter-free copy in the inference dtype (:class:`ModelCopies`)."""
+        if not base or not hasattr(self.source, "disable_adapter"):
+            yield self.body
+        elif self.model is self.source:
+            with self.source.disable_adapter():
+                yield self.body
+        else:
+            yield backbone_body(self.owner.copies.get(self.source, self.owner.torch_dtype, self.version, adapter=False))
+
 
 class BeamRows:
     """Beam rows continuing encoded prompts one token at a time; rows are grouped by user.
@@ -412,6 +492,14 @@ class BeamRows:
         grid = sel.new_full((n_rows, int(counts.max())), float("-inf"))
         grid[t_rows, slot] = sel
         return sel - masked_logsumexp(grid)[t_rows]
+
+    @_no_autocast
+    def top_tokens(self, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Each row's ``k`` most probable next tokens under the full-vocabulary softmax, best first:
+        ``(log_probs (R, k) float32, token ids (R, k))`` (``k`` capped at V). Full logits only for the
+        current rows (generated positions), formed as :meth:`log_probs` forms them (transformers' way)."""
+        logits = (self.hidden @ self.runner.head_weight.T).float()
+        return torch.log_softmax(logits, dim=-1).topk(min(k, logits.shape[-1]), dim=-1)
 
     @property
     def device(self) -> torch.device:
