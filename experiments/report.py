@@ -58,6 +58,7 @@ COLUMNS = [("N@5", "ndcg@5"), ("N@10", "ndcg@10"), ("H@5", "hr@5"), ("H@10", "hr
 LOGP = ("logp", "target_logp")  # mean log-likelihood of the target title; a column when evaluated
 PAIRED = ["ndcg@10", "hr@10", "target_logp"]  # the per-user values compared with LML
 BASE = "LML"
+PAIRED_BASES = (BASE, "popularity")  # each model is compared with each of these present in its context
 MODEL_FREE = ("popularity", "random")  # baselines without a model: the same on every backbone and decoder
 FAILED = "failed.json"  # a failed job's {"error", "type", "overrides"}: msl_rec.utils.task.write_failure
 # a logger=wandb run's files: <run>/wandb/offline-run-<time>-<id>/run-<id>.wandb (online: run-<time>-<id>/)
@@ -136,9 +137,21 @@ def overrides_of(run: Path) -> list[str]:
     return [str(o) for o in saved] if isinstance(saved, list) else []
 
 
+SEQUENTIAL_LABELS = {"sasrec": ("SASRec", "BCELoss"), "bert4rec": ("BERT4Rec", "CELoss")}  # name, default loss
+SEQUENTIAL_LOSS_LABELS = {"BCELoss": " (BCE)", "CELoss": " (CE)", "DROSLoss": "+DROS"}
+
+
+def is_sequential(cfg: dict) -> bool:
+    return (cfg.get("method") or {}).get("kind") == "sequential"
+
+
 def run_label(cfg: dict) -> str:
     loss = cfg.get("loss", {})
     name = str(loss.get("_target_", "loss")).rsplit(".", 1)[-1]
+    if is_sequential(cfg):  # SASRec, SASRec+DROS, SASRec (CE), BERT4Rec ...
+        method = str(cfg["method"].get("name"))
+        title, default_loss = SEQUENTIAL_LABELS.get(method, (method, None))
+        return title + ("" if name == default_loss else SEQUENTIAL_LOSS_LABELS.get(name, f" ({name})"))
     label = {"LMLLoss": "LML", "MSLLoss": "MSL", "MSLATSLoss": "MSL+ATS", "SDPOLoss": "S-DPO"}.get(name, name)
     tau = loss.get("tau")
     if tau is not None and label in ("LML", "MSL") and float(tau) != 1.0:
@@ -174,6 +187,7 @@ def load_run(run: Path) -> dict:
     predictions = run / "predictions.jsonl" if (run / "predictions.jsonl").is_file() else None
     rows = user_rows({"predictions": predictions}) if predictions else None
     model_free = label in MODEL_FREE
+    sequential = is_sequential(cfg)
     return {
         "dir": run,
         "source": source,
@@ -188,8 +202,10 @@ def load_run(run: Path) -> dict:
         "rows": rows,
         # the context: what must be equal for two runs' numbers to be compared
         "model_free": model_free,
+        # no LLM backbone or decoder: joins every context of its dataset, split and users (as popularity does)
+        "joins": model_free or sequential,
         "dataset": (cfg.get("dataset") or {}).get("name"),
-        "backbone": None if model_free else (cfg.get("backbone") or {}).get("name"),
+        "backbone": None if model_free or sequential else (cfg.get("backbone") or {}).get("name"),
         "decoder": None if model_free else (own.get("decoder") or {}).get("name"),
         "split": own.get("split", "valid"),  # a training run's metrics are on its validation users
         "users": user_set(run, own, rows),
@@ -360,14 +376,14 @@ def context_title(runs: list[dict]) -> str:
 def group_contexts(runs: list[dict]) -> list[list[dict]]:
     """The runs of each context (see the module docstring), in a stable order.
 
-    A model-free baseline joins every context of its dataset, split and users (its own when there is
-    none). Two runs of one label and seed in a context are an error naming both folders."""
+    A model-free baseline or a sequential model joins every context of its dataset, split and users (its own
+    when there is none). Two runs of one label and seed in a context are an error naming both folders."""
     contexts: dict[tuple, list[dict]] = defaultdict(list)
     for r in runs:
-        if not r["model_free"]:
+        if not r["joins"]:
             contexts[context_key(r)].append(r)
     for r in runs:
-        if r["model_free"]:
+        if r["joins"]:
             where = (r["dataset"], r["split"], r["users"]["id"])
             homes = [k for k in contexts if (k[0], k[3], k[4]) == where]
             for k in homes or [context_key(r)]:
@@ -388,8 +404,8 @@ def group_contexts(runs: list[dict]) -> list[list[dict]]:
     return [contexts[k] for k in sorted(contexts, key=order)]
 
 
-def paired_comparisons(runs: list[dict]) -> list[tuple[str, object]]:
-    """Every labelled group of evaluations against LML's on the users all of them share.
+def paired_comparisons(runs: list[dict], base: str = BASE) -> list[tuple[str, object]]:
+    """Every labelled group of evaluations against ``base``'s (LML, or popularity) on the users all of them share.
 
     ``runs``: one context's (its evaluations have the same users). Runs of one label are its seeds.
     Raises if two evaluations disagree on a row's user or target (they evaluated different files or
@@ -401,15 +417,15 @@ def paired_comparisons(runs: list[dict]) -> list[tuple[str, object]]:
     for r in runs:
         if r["predictions"] is not None:
             groups[r["label"]].append(r)
-    if BASE not in groups or len(groups) < 2:
+    if base not in groups or len(groups) < 2:
         return []
     tables = {id(r): r["rows"] if r.get("rows") is not None else user_rows(r)
               for rs in groups.values() for r in rs}
     out = []
     for label in sorted(groups, key=lambda s: (s in MODEL_FREE or s.startswith("zero-shot"), s)):
-        if label == BASE:
+        if label == base:
             continue
-        both = groups[label] + groups[BASE]
+        both = groups[label] + groups[base]
         rows = sorted(set.intersection(*(set(tables[id(r)]) for r in both)))
         if not rows:
             continue
@@ -425,13 +441,13 @@ def paired_comparisons(runs: list[dict]) -> list[tuple[str, object]]:
             if not all(metric in tables[id(r)][i] for r in both for i in rows):
                 continue
             vals = [[np.array([tables[id(r)][i][metric] for i in rows]) for r in g]
-                    for g in (groups[label], groups[BASE])]
+                    for g in (groups[label], groups[base])]
             out.append((label, compare_paired(np.stack(vals[0]), np.stack(vals[1]), metric)))
     return out
 
 
-def paired_table(comparisons: list[tuple[str, object]]) -> str:
-    lines = [f"| model | metric | users | seeds (model, {BASE}) | model | {BASE} | difference | 95% CI | p | MDE | verdict |",
+def paired_table(comparisons: list[tuple[str, object]], base: str = BASE) -> str:
+    lines = [f"| model | metric | users | seeds (model, {base}) | model | {base} | difference | 95% CI | p | MDE | verdict |",
              "| --- |" + " --- |" * 10]
     for label, c in comparisons:
         lines.append(f"| {label} | {c.metric} | {c.n_users} | {c.n_seeds[0]}, {c.n_seeds[1]} | {c.model_mean:.4f} | "
@@ -598,7 +614,7 @@ def plot_all(contexts: list[list[dict]], out: Path) -> list[str]:
     return made
 
 
-PAIRED_NOTE = (f"Per-user differences (model - {BASE}; each model's value averaged over its seeds). 95% CI: "
+PAIRED_NOTE = ("Per-user differences (model - {base}; each model's value averaged over its seeds). 95% CI: "
                "percentile bootstrap, resampling seeds then users (10,000 replicates). p: two-sided paired "
                "sign-flip permutation test of the mean difference. MDE: the smallest true difference this "
                "run finds with 80% power at alpha 0.05, 2.8 x sd(differences) / sqrt(users). \"no detectable "
@@ -641,10 +657,11 @@ def build_report(roots: list[Path], out: Path) -> tuple[Path, list[dict]]:
                 else "Validation metrics of each run's checkpoint with the best monitor.metric")
         what += f" (in parentheses: relative change against {BASE} of this context)."
         parts += [f"## C{i}. {title}", "", what, "", results_table(rs), ""]
-        comparisons = paired_comparisons(rs)
-        if comparisons:
-            parts += [f"## Paired comparison with {BASE} (same users): C{i}", "", PAIRED_NOTE, "",
-                      paired_table(comparisons), ""]
+        for base in PAIRED_BASES:  # against LML (the losses), and against popularity (Table 5's baselines)
+            comparisons = paired_comparisons(rs, base)
+            if comparisons:
+                parts += [f"## Paired comparison with {base} (same users): C{i}", "",
+                          PAIRED_NOTE.format(base=base), "", paired_table(comparisons, base), ""]
         tt = tau_table(rs)
         if tt:
             parts += [f"## Metrics against tau (Table 6; mean +- std over seeds): C{i}", "", tt, ""]

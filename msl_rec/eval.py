@@ -3,6 +3,7 @@
     msl-rec-eval ckpt_path=outputs/train/runs/<t>/checkpoints/last.ckpt   # a checkpoint (+ this config)
     msl-rec-eval run_dir=outputs/train/runs/<t>      # that run's config and best (else last) checkpoint
     msl-rec-eval                                     # the zero-shot backbone
+    msl-rec-eval run_dir=outputs/train/runs/<sasrec run> split=test   # a sequential method's run alike
     msl-rec-eval decoder=popularity subset=100       # no model is loaded for popularity/random
     msl-rec-eval split=test dataset.test_file=...    # the held-back split
     msl-rec-eval shard=0/2 hydra.run.dir=outputs/ev/0   # half of the split (run 1/2 elsewhere), then
@@ -32,8 +33,7 @@ from msl_rec.evaluation.evaluate import EvalResult
 from msl_rec.evaluation.key import eval_key, eval_record
 from msl_rec.evaluation.predict import BatchPredictor
 from msl_rec.evaluation.store import fold_predictions, merge_shards, resume_predictions
-from msl_rec.models.checkpoint import check_checkpoint_backbone
-from msl_rec.training.module import RecLitModule
+from msl_rec.training.methods import check_method, load_module
 from msl_rec.utils.config import CONFIG_DIR, plain
 from msl_rec.utils.dashboard import log_evaluation
 from msl_rec.utils.files import write_atomic
@@ -42,19 +42,6 @@ from msl_rec.utils.signals import StopPredictionOnSigterm
 from msl_rec.utils.task import task_wrapper
 
 log = logging.getLogger(__name__)
-
-
-def load_module(cfg: DictConfig) -> RecLitModule:
-    """The trained module of ``cfg.ckpt_path`` (checked against ``cfg.backbone``), else the zero-shot backbone."""
-    if cfg.get("ckpt_path"):
-        check_checkpoint_backbone(cfg.ckpt_path, cfg.backbone)
-        module = RecLitModule.load_from_checkpoint(cfg.ckpt_path, map_location="cpu")
-        log.info("loaded %s", cfg.ckpt_path)
-        return module
-    module = RecLitModule(backbone=plain(cfg.backbone), loss=plain(cfg.loss))
-    module.configure_model()
-    log.info("zero-shot backbone %s", cfg.backbone.name)
-    return module
 
 
 def merge_app(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
@@ -75,15 +62,16 @@ def evaluate_app(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
     if cfg.get("run_dir"):
         cfg = runner.apply_run_dir(cfg)  # a folder that is not a run: an error naming the missing config
     check_targets(cfg, source="the evaluation config")
+    check_method(cfg, with_loss=False)  # e.g. decoder=item_scores on an LLM run: an error naming both
     L.seed_everything(int(cfg.seed), workers=True)
     split = cfg.split
     catalog, dm = runner.eval_data(cfg)
-    dataset = dm.eval_dataloader(split).dataset
-    rows = runner.shard_range(len(dataset), cfg.get("shard"))
+    samples = dm.eval_samples(split)
+    rows = runner.shard_range(len(samples), cfg.get("shard"))
     if len(rows) == 0:
-        raise ValueError(f"shard={cfg.get('shard')} selects no rows of the {len(dataset)} {split} rows (n=0): "
+        raise ValueError(f"shard={cfg.get('shard')} selects no rows of the {len(samples)} {split} rows (n=0): "
                          "use fewer shards")
-    expected = {r: (dataset.encoded[r].sample.user_id, dataset.encoded[r].sample.target) for r in rows}
+    expected = {r: (samples[r].user_id, samples[r].target) for r in rows}
     decoder = build_decoder(plain(cfg.decoder), catalog, train_targets=dm.train_targets or None, top_k=cfg.top_k)
     predictor = BatchPredictor(decoder, catalog, plain(cfg.get("scoring")), dm.prompt_preamble)
     n_undecodable = runner.count_undecodable_targets(decoder, catalog, [t for _, t in expected.values()])
@@ -93,14 +81,14 @@ def evaluate_app(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
     done = resume_predictions(out_dir, key, bool(cfg.get("resume", True)), expected, write=rank0)
     if done:
         log.info("resuming: %d of %d users already in %s", len(done), len(rows), out_dir / "predictions.jsonl")
-    module = load_module(cfg) if predictor.needs_model else None
+    module = load_module(cfg, catalog) if predictor.needs_model else None
     model = module.model.eval() if module is not None else None
 
     # the rows not yet written, in batches of similar prompt length (keyed by row, so the order
     # changes nothing in the results); on N processes each rank takes every N-th batch
     done_rows = {p["row"] for p in done}
-    prompt_len = {r: len(dataset.encoded[r].prompt_ids) for r in rows}
-    todo = runner.length_sorted_batches([r for r in rows if r not in done_rows], prompt_len, dm.eval_batch_size)
+    todo = runner.length_sorted_batches([r for r in rows if r not in done_rows], dm.eval_lengths(split),
+                                        dm.eval_batch_size)
     # after the writer: a SIGTERM stops once the current batch is written (exit 143; rerun to continue);
     # the progress bar counts users (users/s, ETA), not batches
     trainer = runner.eval_trainer(cfg, [PredictionWriter(out_dir, todo), StopPredictionOnSigterm(),

@@ -40,10 +40,11 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig, OmegaConf
 
-from msl_rec.data.build import build_data
+from msl_rec.data.build import build_data, is_sequential
 from msl_rec.decoding import decoder_settings
+from msl_rec.losses import build_loss
 from msl_rec.models.checkpoint import read_checkpoint
-from msl_rec.training.module import RecLitModule
+from msl_rec.training.methods import build_module, check_method
 from msl_rec.training.optim import optim_settings
 from msl_rec.utils.callbacks import BestMetricsWriter, VerifiedCheckpointIO
 from msl_rec.utils.config import CONFIG_DIR, plain  # importing it registers ${project_root:} and the schemas
@@ -134,6 +135,7 @@ def train(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
     composed; the values a type cannot express are checked here before anything is loaded."""
     # every class the config names (a resumed run's is a loaded file) comes from the allowlist
     check_targets(cfg, source=f"{cfg.resume}/.hydra/config.yaml" if cfg.get("resume") else "the training config")
+    check_method(cfg)  # a loss, model or decoder of the other kind of method: an error naming both
     if cfg.get("decoder"):  # top_k and the decoder settings fail now, not at the first validation
         decoder_settings(cfg.decoder, cfg.top_k)
     optim_settings(plain(cfg.optim))  # a bad lr / weight decay: an error before any loading
@@ -144,13 +146,13 @@ def train(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
         L.seed_everything(int(cfg.seed), workers=True)
 
     sft_ckpt = OmegaConf.select(cfg, "sdpo.sft_ckpt")
-    module = RecLitModule(backbone=plain(cfg.backbone), loss=plain(cfg.loss), optim=plain(cfg.optim),
-                          decoder=plain(cfg.get("decoder")), top_k=list(cfg.top_k), scoring=plain(cfg.scoring),
-                          sft_ckpt=sft_ckpt)
-    if module.loss.needs_reference and not sft_ckpt:
+    # S-DPO's negatives are built by the data module, so the loss's count is known before the data
+    num_negatives = 0 if is_sequential(cfg) else int(build_loss(plain(cfg.loss), plain(cfg.backbone)).num_negatives)
+    _, catalog, dm = build_data(cfg, num_negatives=num_negatives)
+    module = build_module(cfg, catalog, sft_ckpt=sft_ckpt)
+    if getattr(module.loss, "needs_reference", False) and not sft_ckpt:
         log.warning("%s without sdpo.sft_ckpt: the reference is the bare base model, not an SFT model "
                     "(the paper starts S-DPO from an LML checkpoint)", cfg.loss._target_)
-    _, _, dm = build_data(cfg, num_negatives=int(getattr(module.loss, "num_negatives", 0)))
 
     callbacks = instantiate_callbacks(cfg.get("callbacks"))
     # not optional: a SIGTERM saves checkpoints/last.ckpt at the current step and exits 143

@@ -1,13 +1,13 @@
 """``make bench``: every benchmark in turn, each in its own process; each prints its ratios.
 
-``python -m experiments.bench [trie loss decode decode_speed eval_default train]`` runs a subset.
+``python -m experiments.bench [trie loss decode decode_speed eval_default train sequential]`` runs a subset.
 """
 
 import subprocess
 import sys
 import time
 
-BENCHES = ["trie", "loss", "decode", "decode_speed", "eval_default", "train"]
+BENCHES = ["trie", "loss", "decode", "decode_speed", "eval_default", "train", "sequential"]
 
 
 def main() -> None:

@@ -351,6 +351,20 @@ class RecDataModule(L.LightningDataModule):
         computes their KV once and starts each prompt from it."""
         return self.builder.preamble_ids()
 
+    def eval_samples(self, split: str) -> list[Sample]:
+        """The split's rows (user, history, target), in file order (the evaluation keys rows by them)."""
+        return [e.sample for e in self._require(split).encoded]
+
+    def eval_lengths(self, split: str) -> list[int]:
+        """Prompt tokens per split row (evaluation batches users of similar length)."""
+        return [len(e.prompt_ids) for e in self._require(split).encoded]
+
+    def _require(self, split: str) -> RecDataset:
+        ds = self._load(split)
+        if ds is None:
+            raise ValueError(f"dataset.{split}_file is null; no {split} rows")
+        return ds
+
     def setup(self, stage: str | None = None) -> None:
         if stage in (None, "fit"):
             train = self._load("train")

@@ -16,6 +16,8 @@ from msl_rec.data.catalog import warn_undecodable_titles
 from msl_rec.decoding.base import Decoder, Ranking
 from msl_rec.decoding.baselines import PopularityRanker, RandomRanker
 from msl_rec.decoding.beam import ConstrainedBeamSearch
+from msl_rec.decoding.grounding import Grounding
+from msl_rec.decoding.scores import ItemScoreRanker
 from msl_rec.utils.config import plain
 from msl_rec.utils.precision import eval_dtype
 from msl_rec.utils.registry import DECODERS, ConfigSecurityError, check_targets
@@ -23,6 +25,8 @@ from msl_rec.utils.registry import DECODERS, ConfigSecurityError, check_targets
 __all__ = [
     "ConstrainedBeamSearch",
     "Decoder",
+    "Grounding",
+    "ItemScoreRanker",
     "PopularityRanker",
     "RandomRanker",
     "Ranking",
@@ -36,7 +40,8 @@ __all__ = [
 # what a decoder's name sets when its config does not (explicit keys win): cbs is transformers' masking
 NAME_DEFAULTS = {"cbs": {"mask": "after"}, "cbs_masked": {"mask": "before"}}
 _CLASSES = {"msl_rec.decoding.ConstrainedBeamSearch": ConstrainedBeamSearch,
-            "msl_rec.decoding.PopularityRanker": PopularityRanker, "msl_rec.decoding.RandomRanker": RandomRanker}
+            "msl_rec.decoding.PopularityRanker": PopularityRanker, "msl_rec.decoding.RandomRanker": RandomRanker,
+            "msl_rec.decoding.ItemScoreRanker": ItemScoreRanker, "msl_rec.decoding.Grounding": Grounding}
 
 
 def decoder_target(cfg: Mapping[str, Any]) -> str:
@@ -99,6 +104,13 @@ def decoder_settings(cfg, top_k: Sequence[int] | None = None) -> tuple[type, dic
             raise ValueError(f"top_k={list(kwargs['top_k'])} asks for K={max(kwargs['top_k'])} but decoder.num_beams="
                              f"{beams} ranks only {beams} items per user (HR@K would equal HR@{beams}); lower top_k or "
                              f"set decoder.num_beams={max(kwargs['top_k'])}")
+    if cls is Grounding:
+        eval_dtype(kwargs.get("dtype", "float32"))
+        n_results = kwargs.get("num_results")
+        if n_results is not None and max(kwargs["top_k"]) > int(n_results):
+            raise ValueError(f"top_k={list(kwargs['top_k'])} asks for K={max(kwargs['top_k'])} but decoder.num_results="
+                             f"{n_results} ranks only {n_results} items per user; lower top_k or raise "
+                             "decoder.num_results (null: max(top_k))")
     return cls, kwargs
 
 
@@ -118,7 +130,7 @@ def build_decoder(cfg, catalog, train_targets: Iterable[int] | None = None,
     target = decoder_target(cfg)
     check_targets(cfg, source="decoder config", prefix="decoder.")
     cls, kwargs = decoder_settings(cfg, top_k)
-    if cls is ConstrainedBeamSearch and kwargs.get("max_new_tokens") is None:
+    if cls in (ConstrainedBeamSearch, Grounding) and kwargs.get("max_new_tokens") is None:
         kwargs["max_new_tokens"] = max_response_len(catalog)
     if cls is PopularityRanker:
         if train_targets is None:

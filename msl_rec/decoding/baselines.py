@@ -37,7 +37,7 @@ class PopularityRanker(Decoder):
         seq_count = Counter()
         for item, c in counts.items():
             seq_count[catalog.item_seq[item]] += c
-        order = sorted(range(len(catalog.sequences)),
+        order = sorted(range(len(catalog.seq_items)),
                        key=lambda s: (-seq_count.get(s, 0), min(catalog.seq_items[s])))
         self.ranking: Ranking = [(s, float(seq_count.get(s, 0))) for s in order[: self.num_results]]
 
@@ -58,7 +58,7 @@ class RandomRanker(Decoder):
                  top_k: Sequence[int] = (1, 5, 10)):
         self.top_k = tuple(int(k) for k in top_k)
         self.num_results = int(num_results or max(self.top_k))
-        self.num_sequences = len(catalog.sequences)
+        self.num_sequences = len(catalog.seq_items)
         self.seed = int(seed)
 
     def rank(self, model, batch: Mapping[str, torch.Tensor]) -> list[Ranking]:

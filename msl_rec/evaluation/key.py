@@ -50,10 +50,11 @@ def eval_key(cfg: DictConfig, rows: range, predictor=None) -> dict[str, Any]:
     return {"split": cfg.split, "file": str(split_file), "file_sha256": file_sha256(split_file),
             "rows": [rows.start, rows.stop],
             "ckpt_sha256": file_sha256(ckpt) if ckpt else None, "ckpt_path": str(ckpt) if ckpt else None,
+            "method": plain(cfg.get("method")), "model": plain(cfg.get("model")),
             "backbone": {k: backbone.get(k) for k in ("name", "source", "model", "seed", "dtype", "lora", "tokenizer")},
             "prompt": {k: d.get(k) for k in ("instruction", "input_prefix", "cutoff_len")},
             "decoder": decoder_cfg, "dtype": getattr(predictor, "compute_dtype", None),
-            "list_len": getattr(decoder, "num_beams", getattr(decoder, "num_results", None)),
+            "list_len": getattr(decoder, "num_results", getattr(decoder, "num_beams", None)),
             "item_file_sha256": file_sha256(d.item_file),
             "train_file_sha256": file_sha256(train_file) if train_file and Path(train_file).is_file() else None,
             "scoring": plain(cfg.scoring) if cfg.get("scoring") else None}

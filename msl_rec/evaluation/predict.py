@@ -34,19 +34,22 @@ class BatchPredictor:
     Attributes:
         needs_model: whether :meth:`predict` needs a model (False for popularity / random).
         num_negatives: sampled titles per user, 0 when the sampled rank is off.
-        compute_dtype: the decoder's weights dtype (e.g. ``"float32"``), None without a model.
+        compute_dtype: the decoder's weights dtype (e.g. ``"float32"``), None without a causal LM.
     """
 
     def __init__(self, decoder, catalog, scoring: Mapping | None = None, preamble_ids: Sequence[int] | None = None):
         settings = ScoringSettings.from_config(scoring)
         self.decoder, self.catalog, self.settings = decoder, catalog, settings
         self.needs_model = bool(getattr(decoder, "needs_model", False))
-        self.mask = getattr(decoder, "mask", None) if self.needs_model else None
+        # a model decoder drives a causal LM (beam search, grounding) unless it says otherwise: a sequential
+        # model's ranker (decoding/scores.py) calls its model itself
+        self.uses_lm = self.needs_model and bool(getattr(decoder, "uses_lm", True))
+        self.mask = getattr(decoder, "mask", None) if self.uses_lm else None
         self.target_logp = bool(settings.target_logp and self.mask is not None)
         self.num_negatives = settings.num_negatives if self.target_logp else 0
         self.inference = self.scoring_inference = None
         self.compute_dtype = None
-        if self.needs_model:
+        if self.uses_lm:
             self.inference = CausalLMInference(dtype=getattr(decoder, "dtype", "float32"),
                                                shared_prompt=getattr(decoder, "shared_prompt", None),
                                                share_preamble=getattr(decoder, "share_preamble", True),
@@ -56,13 +59,15 @@ class BatchPredictor:
             self.scoring_inference = (self.inference if self.inference.compute_dtype == "float32" else
                                       CausalLMInference("float32", self.inference.shared_prompt,
                                                         self.inference.share_preamble, preamble_ids))
+        elif self.needs_model:  # a sequential model's ranker: the dtype it scores in
+            self.compute_dtype = getattr(decoder, "compute_dtype", None)
 
     def predict(self, model, batch: Mapping[str, torch.Tensor]) -> list[dict]:
         """One row per user of ``batch``: ``user_id, target_id, rank`` (0-based, -1 if not ranked),
         ``ranked_ids`` (item ids of each ranked sequence), ``scores``, plus ``target_logp`` and
         ``sampled_rank, sampled_negatives`` when on. No grad is recorded."""
         extra = [{} for _ in range(len(batch["target_ids"]))]
-        if not self.needs_model:
+        if not self.uses_lm:
             rankings = self.decoder.rank(model, batch)
         else:
             if model is None:

@@ -26,13 +26,13 @@ from msl_rec.decoding import decoder_settings, needs_train_targets
 from msl_rec.evaluation.evaluate import EvalResult
 from msl_rec.evaluation.predict import BatchPredictor
 from msl_rec.utils.config import plain
-from msl_rec.utils.registry import LOSSES, check_targets
+from msl_rec.utils.registry import LOSSES, SEQUENTIAL_MODELS, check_targets
 from msl_rec.utils.schema import RunConfig
 
 log = logging.getLogger(__name__)
 
 # groups a run_dir's saved config provides (the eval command's own decoder/logger/paths stay)
-RUN_KEYS = ("dataset", "backbone", "loss", "seed")
+RUN_KEYS = ("method", "model", "dataset", "backbone", "loss", "seed")
 
 
 # ---------------------------------------------------------------------------- in one process
@@ -119,11 +119,14 @@ def run_choice(saved: DictConfig, group: str) -> str | None:
         return None
     if group == "loss":
         return LOSSES.get(node.get("_target_"))
+    if group == "model":
+        return SEQUENTIAL_MODELS.get(node.get("_target_"))
     return node.get("name")
 
 
 def apply_run_dir(cfg: DictConfig, overrides: list[str] | None = None) -> DictConfig:
-    """Take dataset/backbone/loss/seed from ``cfg.run_dir``'s saved config, and its best checkpoint.
+    """Take method/model/dataset/backbone/loss/seed from ``cfg.run_dir``'s saved config, and its best checkpoint
+    (a sequential run also its decoder, unless the command line names one).
 
     The command line still wins: a value override of those keys (``dataset.valid_file=...``) is
     applied on top of the run's config; a group override (``dataset=toy``) would evaluate the model
@@ -161,6 +164,10 @@ def apply_run_dir(cfg: DictConfig, overrides: list[str] | None = None) -> DictCo
             OmegaConf.update(cfg, key, OmegaConf.from_dotlist([f"v={value}"]).v, force_add=True)
         if not cfg.get("ckpt_path"):
             cfg.ckpt_path = str(best_checkpoint(run_dir))
+        # a sequential run ranks with the decoder it was validated with, unless the command line names one
+        if (saved.get("method") or {}).get("kind") == "sequential" and not any(
+                ov.split("=", 1)[0].lstrip("+~") == "decoder" for ov in overrides):
+            cfg.decoder = saved.decoder
     if mine:
         log.info("run_dir=%s with command-line overrides on top: %s", run_dir, ", ".join(mine))
     return cfg
@@ -221,7 +228,7 @@ def count_undecodable_targets(decoder, catalog, targets: list[int]) -> int:
     """Users whose target title is longer than the decoder's ``max_new_tokens`` and so can never be
     ranked; all of them is an error (every metric would be 0 for a reason that is not the model)."""
     limit = getattr(decoder, "max_new_tokens", None)
-    if limit is None:
+    if limit is None or not getattr(decoder, "constrained", True):  # grounding ranks every title whatever it writes
         return 0
     n = sum(len(catalog.sequences[catalog.item_seq[t]]) > limit for t in targets)
     if n == len(targets):

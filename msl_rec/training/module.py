@@ -23,13 +23,8 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-import lightning as L
 import torch
-import torch.distributed as dist
 
-from msl_rec.decoding import build_decoder
-from msl_rec.evaluation.evaluate import split_rows, summarize
-from msl_rec.evaluation.predict import BatchPredictor
 from msl_rec.losses import build_loss
 from msl_rec.losses.base import ResponseBatch
 from msl_rec.losses.functional import positive_weight
@@ -38,16 +33,16 @@ from msl_rec.models import checkpoint as ckpt_state
 from msl_rec.models.backbone import build_backbone
 from msl_rec.models.fsdp_utils import DecodingCopy, is_fsdp
 from msl_rec.models.inference import hidden_states, output_weight
+from msl_rec.training.base import RankingModule
 from msl_rec.training.optim import build_lr_schedule, build_optimizer
 from msl_rec.training.throughput import TrainThroughput
 from msl_rec.utils.config import plain
-from msl_rec.utils.precision import autocast_off
 from msl_rec.utils.registry import check_targets
 
 log = logging.getLogger(__name__)
 
 
-class RecLitModule(L.LightningModule):
+class RecLitModule(RankingModule):
     def __init__(
         self,
         backbone: Mapping[str, Any],
@@ -78,11 +73,7 @@ class RecLitModule(L.LightningModule):
                                    "scoring": plain(scoring)})
         self.loss = build_loss(self.hparams.loss, self.hparams.backbone)  # stats_at: null -> the backbone's
         self.model = None  # built in configure_model
-        self.decoder = None
-        self.predictor: BatchPredictor | None = None  # validation's, built at the first validation
         self._decoding_copy = None  # FSDP: a rank-local unsharded backbone for decoding (fsdp_utils)
-        self._val_rows: list[dict] = []  # this rank's validation prediction rows of the current epoch
-        self.val_metrics: dict[str, float] = {}  # the last validation's summarize(), exact (float64)
 
     @classmethod
     def load_from_checkpoint(cls, checkpoint_path, map_location: Any = "cpu", **kwargs) -> RecLitModule:
@@ -111,19 +102,6 @@ class RecLitModule(L.LightningModule):
 
     def configure_callbacks(self):
         return [TrainThroughput()]
-
-    def _build_predictor(self) -> BatchPredictor | None:
-        """Validation's :class:`BatchPredictor` (the decoder and ``scoring`` settings ``msl-rec-eval``
-        uses), built once the datamodule's catalog exists; None without a decoder (validate by loss)."""
-        if self.predictor is not None or not self.hparams.decoder:
-            return self.predictor
-        dm = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
-        if dm is None or getattr(dm, "catalog", None) is None:
-            return None
-        self.decoder = build_decoder(self.hparams.decoder, dm.catalog,
-                                     train_targets=getattr(dm, "train_targets", None), top_k=self.hparams.top_k)
-        self.predictor = BatchPredictor(self.decoder, dm.catalog, self.hparams.get("scoring"), dm.prompt_preamble)
-        return self.predictor
 
     # ------------------------------------------------------------------ checkpoints
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
@@ -242,62 +220,18 @@ class RecLitModule(L.LightningModule):
         for k, v in self.loss.on_optimizer_step().items():
             self.log(f"train/{k}", float(v), on_step=True, on_epoch=False)
 
-    def on_train_epoch_start(self) -> None:
-        dm = getattr(self.trainer, "datamodule", None)
-        if dm is not None and hasattr(dm, "set_epoch"):
-            dm.set_epoch(self.current_epoch)
+    def decoding_model(self):
+        return self._decoding_copy.model if self._decoding_copy is not None else self.model
+
+    def validation_loss(self, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        return self.loss(self.response_batch(batch))[0]
 
     def on_validation_epoch_start(self) -> None:
-        self._val_rows = []
+        super().on_validation_epoch_start()
         if self.hparams.decoder and is_fsdp(self.model):  # see fsdp_utils: why decoding needs full weights
             if self._decoding_copy is None:
                 self._decoding_copy = DecodingCopy(lambda: build_backbone(self.hparams.backbone))
             self._decoding_copy.refresh(self.trainer.strategy.model, self.model)
-
-    def validation_step(self, batch: Mapping[str, torch.Tensor], batch_idx: int) -> list[dict] | None:
-        """Decode and score the batch's users as ``msl-rec-eval`` does (the same :class:`BatchPredictor`);
-        the rows are kept for :meth:`on_validation_epoch_end`, which computes the metrics once. Returns the
-        batch's rows (without DDP padding), for callbacks (``on_validation_batch_end``'s outputs)."""
-        bs = int(batch["input_ids"].shape[0]) if "input_ids" in batch else int(batch["target_ids"].shape[0])
-        predictor = self._build_predictor()
-        if predictor is None:
-            rb = self.response_batch(batch)
-            loss, _ = self.loss(rb)
-            self.log("val/loss", loss, on_epoch=True, sync_dist=True, batch_size=bs)
-            return None
-        model = self._decoding_copy.model if self._decoding_copy is not None else self.model
-        # in the decoder's dtype (float32 by default), not in bf16-mixed's autocast: the same numbers on
-        # every machine (utils/precision.py); training keeps its autocast
-        with autocast_off(self.device):
-            rows = predictor.predict(model if predictor.needs_model else None, batch)
-        loader = self.trainer.val_dataloaders
-        loader = loader[0] if isinstance(loader, (list, tuple)) else loader  # one validation loader
-        # each row keyed by its split row; DDP's DistributedSampler pads with duplicate rows: dropped
-        keep = [{"row": r, **p} for r, p in zip(split_rows(loader, batch_idx, bs), rows) if r is not None]
-        self._val_rows.extend(keep)
-        return keep
-
-    def on_validation_epoch_end(self) -> None:
-        """``val/*`` = :func:`summarize` over every rank's rows of the epoch in split-row order, as
-        ``msl-rec-eval`` computes ``metrics.json``: the same users give the same floats
-        (:attr:`val_metrics`). Lightning's epoch mean of per-batch values would be float32 and weighted."""
-        if self.predictor is None:
-            return
-        rows = self._val_rows
-        if self.trainer.world_size > 1:
-            gathered: list[list[dict]] = [[] for _ in range(dist.get_world_size())]
-            dist.all_gather_object(gathered, rows)
-            rows = [r for part in gathered for r in part]
-        rows = sorted(rows, key=lambda r: r["row"])
-        self._val_rows = []
-        if not rows:  # no validation batch ran (limit_val_batches=0): nothing to summarize
-            return
-        if len({r["row"] for r in rows}) != len(rows):
-            raise RuntimeError("validation: a split row was predicted twice across ranks (sampler padding kept?)")
-        self.val_metrics = summarize(rows, tuple(self.hparams.top_k))
-        for k, v in self.val_metrics.items():
-            # already over all ranks (the same on each), so no sync; the float64 values are val_metrics
-            self.log(f"val/{k}", v, prog_bar=k.endswith("@10"))
 
     def on_train_end(self) -> None:
         # each rank writes its loss state, so a DDP run can be checked for desync (tests do)

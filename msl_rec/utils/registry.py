@@ -23,13 +23,24 @@ LOSSES = {
     "msl_rec.losses.MSLLoss": "msl",
     "msl_rec.losses.MSLATSLoss": "msl_ats",
     "msl_rec.losses.SDPOLoss": "sdpo",
+    "msl_rec.losses.CELoss": "ce",
+    "msl_rec.losses.BCELoss": "bce",
+    "msl_rec.losses.DROSLoss": "dros",
 }
 """Loss ``_target_`` -> its ``configs/loss`` name (also how runs are named and grouped)."""
+
+SEQUENTIAL_LOSSES = frozenset({"msl_rec.losses.CELoss", "msl_rec.losses.BCELoss", "msl_rec.losses.DROSLoss"})
+"""The losses of the item-ID sequential models (``method=sasrec|bert4rec``); the others train an LLM."""
+
+SEQUENTIAL_MODELS = {"msl_rec.models.SASRec": "sasrec", "msl_rec.models.BERT4Rec": "bert4rec"}
+"""Sequential model ``_target_`` (the ``model`` node of ``configs/method/<name>.yaml``) -> its method."""
 
 DECODERS = {
     "msl_rec.decoding.ConstrainedBeamSearch": ("cbs", "cbs_masked"),
     "msl_rec.decoding.PopularityRanker": ("popularity",),
     "msl_rec.decoding.RandomRanker": ("random",),
+    "msl_rec.decoding.ItemScoreRanker": ("item_scores",),
+    "msl_rec.decoding.Grounding": ("grounding",),
 }
 """Decoder ``_target_`` -> the ``configs/decoder`` names that build it (a checkpoint saved before decoders
 had a ``_target_`` names only ``name``)."""
@@ -37,7 +48,9 @@ had a ``_target_`` names only ``name``)."""
 ALLOWED_TARGETS = frozenset({
     *LOSSES,
     *DECODERS,
+    *SEQUENTIAL_MODELS,
     "torch.optim.AdamW",  # optim._target_, built as a partial over the trainable parameters
+    "torch.optim.Adam",  # the sequential models' (L2 through weight_decay, as the released SASRec)
     # Lightning: the trainer, its callbacks, loggers and strategies
     "lightning.pytorch.trainer.Trainer",
     "lightning.pytorch.Trainer",

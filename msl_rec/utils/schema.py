@@ -138,6 +138,23 @@ class BeamDecoderConfig:
 
 
 @dataclass
+class GroundingDecoderConfig:
+    """``configs/decoder/grounding.yaml``: BIGRec's free beam search + L2 grounding to the titles."""
+
+    name: str = "grounding"
+    _target_: str = "msl_rec.decoding.Grounding"
+    num_beams: int = 10
+    length_penalty: float = 1.0
+    max_new_tokens: int | None = None  # null: the catalog's longest title + EOS
+    early_stopping: Any = False  # true | false | "never" (transformers' heuristics)
+    num_results: int | None = None  # null: max(top_k)
+    embedding_model: str = "base"  # base (adapter off, as BIGRec) | tuned
+    dtype: str = "float32"
+    shared_prompt: bool | None = None  # null: the decoder's own choice
+    share_preamble: bool = True
+
+
+@dataclass
 class PopularityDecoderConfig:
     name: str = "popularity"
     _target_: str = "msl_rec.decoding.PopularityRanker"
@@ -152,11 +169,87 @@ class RandomDecoderConfig:
     num_results: int | None = None  # null: max(top_k)
 
 
-LOSS_SCHEMAS = {"lml": LMLLossConfig, "msl": MSLLossConfig, "msl_ats": MSLATSLossConfig, "sdpo": SDPOLossConfig}
+@dataclass
+class CELossConfig:
+    """Full-softmax cross-entropy over the items (a sequential model's)."""
+
+    _target_: str = "msl_rec.losses.CELoss"
+
+
+@dataclass
+class BCELossConfig:
+    """The released SASRec's loss: binary cross-entropy on the target and sampled negative items."""
+
+    _target_: str = "msl_rec.losses.BCELoss"
+    num_negatives: int = 1
+
+
+@dataclass
+class DROSLossConfig:
+    """DROS (Yang et al. 2023): BCE + alpha x the DRO term over the popularity-based nominal distribution."""
+
+    _target_: str = "msl_rec.losses.DROSLoss"
+    alpha: float = 1.0
+    beta: float = 1.0
+    power: float = 0.05
+    num_negatives: int = 1
+
+
+@dataclass
+class ItemScoresDecoderConfig:
+    """``configs/decoder/item_scores.yaml``: every catalog entry ranked by a sequential model's scores."""
+
+    name: str = "item_scores"
+    _target_: str = "msl_rec.decoding.ItemScoreRanker"
+    num_results: int | None = None  # null: max(top_k)
+
+
+@dataclass
+class SASRecConfig:
+    """``configs/model/sasrec.yaml``: the DROS / LLaRA released SASRec."""
+
+    _target_: str = "msl_rec.models.SASRec"
+    max_len: int = 10  # history items read (Books windows hold <= 10)
+    hidden: int = 64
+    num_heads: int = 1
+    num_blocks: int = 1
+    dropout: float = 0.1
+
+
+@dataclass
+class BERT4RecConfig:
+    """``configs/model/bert4rec.yaml``: BERT4Rec with RecBole's recommended settings."""
+
+    _target_: str = "msl_rec.models.BERT4Rec"
+    max_len: int = 10
+    hidden: int = 64
+    num_heads: int = 2
+    num_blocks: int = 2
+    inner: int = 256
+    dropout: float = 0.2
+    attn_dropout: float = 0.2
+    mask_prob: float = 0.2
+
+
+@dataclass
+class MethodConfig:
+    """``configs/method/*.yaml``: which recommender a run trains. ``kind`` llm: a backbone x loss x decoder
+    (BIGRec); sequential: an item-ID ``model`` with its own loss, ranked by ``decoder=item_scores``."""
+
+    name: str = "bigrec"
+    kind: str = "llm"  # llm | sequential
+
+
+LOSS_SCHEMAS = {"lml": LMLLossConfig, "msl": MSLLossConfig, "msl_ats": MSLATSLossConfig, "sdpo": SDPOLossConfig,
+                "ce": CELossConfig, "bce": BCELossConfig, "dros": DROSLossConfig}
 """``configs/loss/<name>.yaml`` -> its schema (ConfigStore ``loss/schema_<name>``)."""
 
-DECODER_SCHEMAS = {"beam": BeamDecoderConfig, "popularity": PopularityDecoderConfig, "random": RandomDecoderConfig}
+DECODER_SCHEMAS = {"beam": BeamDecoderConfig, "popularity": PopularityDecoderConfig, "random": RandomDecoderConfig,
+                   "item_scores": ItemScoresDecoderConfig, "grounding": GroundingDecoderConfig}
 """Decoder kind -> its schema (ConfigStore ``decoder/schema_<kind>``; cbs and cbs_masked are ``beam``)."""
+
+MODEL_SCHEMAS = {"sasrec": SASRecConfig, "bert4rec": BERT4RecConfig}
+"""``configs/model/<name>.yaml`` (a sequential method's model) -> its schema (ConfigStore ``model/schema_<name>``)."""
 
 # ----------------------------------------------------------------------------- top-level nodes
 
@@ -223,6 +316,8 @@ class RunConfig:
     seed: int = 42
     top_k: list[int] = field(default_factory=lambda: [1, 5, 10])  # the one list of cut-offs
     ckpt_path: str | None = None
+    method: MethodConfig = field(default_factory=MethodConfig)
+    model: Any = None  # a sequential method's model: one of MODEL_SCHEMAS; null for an LLM method
     dataset: DatasetConfig = field(default_factory=DatasetConfig)
     backbone: BackboneConfig = field(default_factory=BackboneConfig)
     loss: Any = None  # one of LOSS_SCHEMAS (each loss option extends its own)
@@ -270,6 +365,8 @@ def register_schemas() -> None:
         cs.store(group="loss", name=f"schema_{name}", node=schema)
     for kind, schema in DECODER_SCHEMAS.items():
         cs.store(group="decoder", name=f"schema_{kind}", node=schema)
+    for name, schema in MODEL_SCHEMAS.items():
+        cs.store(group="model", name=f"schema_{name}", node=schema)
 
 
 # ----------------------------------------------------------------------------- after composition
