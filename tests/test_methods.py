@@ -187,3 +187,18 @@ def test_a_sequential_checkpoint_is_refused_on_another_catalog(compose_train, co
     with pytest.raises(Exception, match="trained on a catalog of 6344 items"):
         evaluate_app(compose_eval(f"run_dir={run}", f"dataset.item_file={other}", "subset=4", "top_k=[1,5,10]",
                                   out=tmp_path / "eval"))
+
+
+def test_a_resumed_sequential_run_equals_the_uninterrupted_one(compose_train, tmp_path):
+    """The checkpoint holds the model, the optimizer and every RNG (DROS's sampled negatives, dropout): two
+    epochs in one go and one epoch + a resume for the second give the same weights, bit for bit."""
+    common = ("method=sasrec", "loss=dros", "data.train_subset=192", "data.valid_subset=8")
+    train(compose_train(*SEQ, *common, "trainer.max_epochs=2", out=tmp_path / "whole"))
+    train(compose_train(*SEQ, *common, "trainer.max_epochs=1", out=tmp_path / "first"))
+    train(compose_train(*SEQ, *common, "trainer.max_epochs=2", f"ckpt_path={tmp_path / 'first/checkpoints/last.ckpt'}",
+                        out=tmp_path / "second"))
+    whole = torch.load(tmp_path / "whole/checkpoints/last.ckpt", weights_only=True)["state_dict"]
+    resumed = torch.load(tmp_path / "second/checkpoints/last.ckpt", weights_only=True)["state_dict"]
+    once = torch.load(tmp_path / "first/checkpoints/last.ckpt", weights_only=True)["state_dict"]
+    assert whole.keys() == resumed.keys() and any(not torch.equal(whole[k], once[k]) for k in whole)
+    assert all(torch.equal(whole[k], resumed[k]) for k in whole)

@@ -37,6 +37,7 @@ def main() -> None:
 
     dataset = OmegaConf.load(f"{CONFIG_DIR}/dataset/books.yaml")
     dataset.root = f"{CONFIG_DIR}/../data/books"
+    dataset.train_file = f"{dataset.root}/train.csv"  # method=sasrec's: the whole train split
     catalog = TitleCatalog.from_file(dataset.item_file, allow_empty_titles=True)
     dm = SequenceDataModule(dataset, catalog, max_len=10, micro_batch_size=256, eval_batch_size=256,
                             valid_subset=args.users)

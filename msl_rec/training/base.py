@@ -18,6 +18,7 @@ import torch.distributed as dist
 from msl_rec.decoding import build_decoder
 from msl_rec.evaluation.evaluate import split_rows, summarize
 from msl_rec.evaluation.predict import BatchPredictor
+from msl_rec.models import checkpoint as ckpt_state
 from msl_rec.utils.precision import autocast_off
 
 
@@ -32,6 +33,23 @@ class RankingModule(L.LightningModule):
         self._val_rows: list[dict] = []  # this rank's validation prediction rows of the current epoch
         self.val_metrics: dict[str, float] = {}  # the last validation's summarize(), exact (float64)
 
+    # ------------------------------------------------------------------ RNG across resumes
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        # every rank's RNG (dropout, sampled negatives): a resumed run draws what the uninterrupted run draws
+        checkpoint["rng_states"] = ckpt_state.all_rng_states()
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        self._rng_to_restore = checkpoint.get("rng_states")
+
+    def on_train_start(self) -> None:
+        # restored here, after model building and setup consumed random numbers; each rank its own
+        state = ckpt_state.rank_rng_state(getattr(self, "_rng_to_restore", None), self.global_rank,
+                                          self.trainer.world_size)
+        if state is not None:
+            ckpt_state.set_rng_state(state)
+        self._rng_to_restore = None
+
+    # ------------------------------------------------------------------ validation
     def decoding_model(self):
         """The model the decoder ranks with."""
         return self.model

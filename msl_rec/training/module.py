@@ -108,8 +108,7 @@ class RecLitModule(RankingModule):
         # the adapter and loss state only, built from the trainable parameters (checkpoint.py)
         checkpoint["state_dict"] = ckpt_state.adapter_state_dict(self)
         checkpoint["adapter"] = ckpt_state.backbone_record(self.hparams.backbone, checkpoint["state_dict"])
-        # every rank's RNG (LoRA dropout, negatives): a resumed run draws what the uninterrupted run draws
-        checkpoint["rng_states"] = ckpt_state.all_rng_states()
+        super().on_save_checkpoint(checkpoint)  # every rank's RNG state
 
     def load_state_dict(self, state_dict: Mapping[str, Any], strict: bool = True, assign: bool = False):
         """Load an adapter state (:func:`~msl_rec.models.checkpoint.adapter_state_dict`); its keys
@@ -119,21 +118,10 @@ class RecLitModule(RankingModule):
         ckpt_state.load_adapter_state_dict(self, state_dict)
         return torch.nn.modules.module._IncompatibleKeys([], [])
 
-    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        self._rng_to_restore = checkpoint.get("rng_states")
-
     def on_fit_start(self) -> None:
         # from_pretrained hands the backbone over in eval mode and Lightning (>= 2.2) keeps each module's
         # mode: train mode here, so LoRA dropout (0.05) is on while training, as under HF's Trainer
         self.train()
-
-    def on_train_start(self) -> None:
-        # restored here, after model building and setup consumed random numbers; each rank its own
-        state = ckpt_state.rank_rng_state(getattr(self, "_rng_to_restore", None), self.global_rank,
-                                          self.trainer.world_size)
-        if state is not None:
-            ckpt_state.set_rng_state(state)
-        self._rng_to_restore = None
 
     # ------------------------------------------------------------------ forward
     def hidden_states(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
