@@ -19,8 +19,8 @@ from msl_rec.utils.registry import ConfigSecurityError
 from msl_rec.utils.schema import ConfigSchemaError, check_schema
 
 PRESETS = sorted(p.stem for p in (Path(CONFIG_DIR) / "experiment").glob("*.yaml"))
-OPTIONS = [(group, p.stem) for group in ("dataset", "backbone", "loss", "decoder", "trainer", "logger", "budget",
-                                         "debug") for p in sorted((Path(CONFIG_DIR) / group).glob("*.yaml"))]
+OPTIONS = [(group, p.stem) for group in ("method", "model", "dataset", "backbone", "loss", "decoder", "trainer", "logger",
+                                         "budget", "debug") for p in sorted((Path(CONFIG_DIR) / group).glob("*.yaml"))]
 
 
 def _compose_error(compose, *overrides: str) -> str:
@@ -44,6 +44,12 @@ def test_misspelt_key_on_the_command_line_names_it(compose_train, compose_eval, 
                                            ("data.train_subset=1.5", "data.train_subset"), ("seed=abc", "seed")])
 def test_wrong_type_names_the_key(compose_train, override, key):
     assert key in _compose_error(compose_train, override)
+
+
+def test_a_sequential_models_settings_are_typed(compose_train):
+    assert "model.hiden" in _compose_error(compose_train, "method=sasrec", "model.hiden=32")
+    assert "model.hidden" in _compose_error(compose_train, "method=bert4rec", "model.hidden=wide")
+    assert "loss.alpa" in _compose_error(compose_train, "method=sasrec", "loss=dros", "loss.alpa=2")
 
 
 def test_wrong_type_in_eval_names_the_key(compose_eval):
