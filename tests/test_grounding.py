@@ -267,6 +267,7 @@ def test_build_decoder_checks_the_settings(tiny):
     _, catalog, _ = tiny
     cfg = OmegaConf.to_container(OmegaConf.load(f"{CONFIG_DIR}/decoder/grounding.yaml"))
     cfg.pop("defaults")
+    assert cfg.pop("embedding_cache") == "${paths.log_dir}/cache/title_embeddings"  # resolved when composed
     dec = build_decoder(cfg, catalog, top_k=[1, 5])
     assert isinstance(dec, Grounding) and dec.max_new_tokens == max_response_len(catalog)
     assert dec.num_results == 5 and dec.num_beams == 10 and dec.embedding_model == "base"
@@ -294,3 +295,37 @@ def test_eval_app_with_grounding(compose_eval, tmp_path):
     for row in rows:
         assert len(row["ranked_ids"]) == 10 and row["scores"] == sorted(row["scores"], reverse=True)
         assert all(s <= 0 for s in row["scores"]) and row["target_logp"] < 0
+
+
+def test_title_embeddings_on_disk_are_reused_across_processes_and_keyed_by_weights(tiny, tmp_path):
+    """``decoder.embedding_cache``: a new inference object (another process) reads the titles' embeddings from
+    the folder instead of running the model; a corrupt file is recomputed; other weights get another file."""
+    model, catalog, _ = tiny
+    model = copy.deepcopy(model)  # edited below
+    dec = Grounding(catalog, num_beams=3, max_new_tokens=6, top_k=[1], embedding_cache=str(tmp_path))
+
+    def embed() -> tuple[torch.Tensor, int]:
+        runner = CausalLMInference().bind(model)
+        forwards = []
+        hook = runner.body.register_forward_hook(lambda *a: forwards.append(1))
+        try:
+            out = runner.text_embeddings(dec.titles, base=True, cache_key="catalog titles", store=dec.embedding_cache)
+        finally:
+            hook.remove()
+        return out, len(forwards)
+
+    first, n = embed()
+    files = list(tmp_path.glob("*.pt"))
+    assert n > 0 and len(files) == 1
+    again, n = embed()
+    assert n == 0 and torch.equal(again, first)
+    files[0].write_bytes(b"not a tensor")
+    repaired, n = embed()
+    assert n > 0 and torch.equal(repaired, first)
+    with torch.no_grad():  # the adapter does not change base embeddings: the same file
+        next(p for name, p in model.named_parameters() if "lora_B" in name).add_(0.3)
+    assert embed()[1] == 0
+    with torch.no_grad():
+        next(p for name, p in model.named_parameters() if "q_proj.base_layer" in name).mul_(1.5)
+    changed, n = embed()
+    assert n > 0 and len(list(tmp_path.glob("*.pt"))) == 2 and not torch.allclose(changed, first)

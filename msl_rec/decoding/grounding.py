@@ -71,6 +71,9 @@ class Grounding(Decoder):
         top_k: the cut-offs the decoder is evaluated at; each must be <= ``num_results``.
         shared_prompt, dtype, share_preamble: the inference runner's settings, as for
             :class:`~msl_rec.decoding.beam.ConstrainedBeamSearch`.
+        embedding_cache: a folder where the titles' embeddings are also kept, keyed by the embedding
+            weights' content (:meth:`~msl_rec.models.inference.LMRunner.text_embeddings` ``store``); None: in
+            memory only.
 
     Attributes:
         mask: ``"after"``: the evaluation's ``target_logp`` is the full-softmax log-probability, the
@@ -84,7 +87,7 @@ class Grounding(Decoder):
     def __init__(self, catalog, num_beams: int = 10, length_penalty: float = 1.0, max_new_tokens: int = 64,
                  early_stopping: bool | str = False, num_results: int | None = None, embedding_model: str = "base",
                  top_k: Sequence[int] = (1, 5, 10), shared_prompt: bool | None = None, dtype: str = "float32",
-                 share_preamble: bool = True):
+                 share_preamble: bool = True, embedding_cache: str | None = None):
         if early_stopping not in EARLY_STOPPING:
             raise ValueError(f"decoder.early_stopping must be one of {EARLY_STOPPING}, got {early_stopping!r}")
         if embedding_model not in EMBEDDING_MODELS:
@@ -110,6 +113,7 @@ class Grounding(Decoder):
         self.shared_prompt = shared_prompt
         self.dtype = dtype
         self.share_preamble = bool(share_preamble)
+        self.embedding_cache = embedding_cache
         self.eos_id = int(catalog.eos_id)
         self.titles = [self.text_of(seq) for seq in catalog.sequences]  # what each sequence is embedded as
 
@@ -149,7 +153,8 @@ class Grounding(Decoder):
         """Per generated response (token ids): the nearest catalog sequences by L2 distance of the
         embeddings, ``(sequence index, -distance)``, nearest first, ties by smaller index."""
         base = self.embedding_model == "base"
-        titles = lm.text_embeddings(self.titles, base=base, cache_key="catalog titles")  # (S, d)
+        titles = lm.text_embeddings(self.titles, base=base, cache_key="catalog titles",
+                                    store=self.embedding_cache)  # (S, d)
         # one text per forward: a user's embedding is computed on its own tokens only
         queries = lm.text_embeddings([self.text_of(g) for g in generated], base=base, batch_size=1)  # (B, d)
         out = []

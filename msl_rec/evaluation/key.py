@@ -44,6 +44,7 @@ def eval_key(cfg: DictConfig, rows: range, predictor=None) -> dict[str, Any]:
     decoder = getattr(predictor, "decoder", None)
     decoder_cfg = plain(cfg.decoder)
     decoder_cfg.pop("top_k", None)  # cut-offs change metrics, not predictions
+    decoder_cfg.pop("embedding_cache", None)  # where title embeddings are kept changes nothing they hold
     if decoder is not None and hasattr(decoder, "max_new_tokens"):
         decoder_cfg["max_new_tokens"] = int(decoder.max_new_tokens)  # null resolved from the catalog
     backbone = plain(cfg.backbone)

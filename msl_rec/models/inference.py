@@ -33,8 +33,12 @@ from __future__ import annotations
 import contextlib
 import copy
 import functools
+import hashlib
+import logging
+import os
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -44,6 +48,8 @@ from transformers import DynamicCache
 from msl_rec.losses.functional import masked_logsumexp, sequence_logps
 from msl_rec.models import prefix_attention
 from msl_rec.utils.precision import autocast_off, eval_dtype, weights_version
+
+log = logging.getLogger(__name__)
 
 SHARED_PROMPT_MODELS = ("llama",)  # attention = rotary + (GQA) softmax(q k^T * scaling) v, no sliding window
 MIN_PREAMBLE = 8  # a shorter shared prompt start is not worth its own forward pass
@@ -141,6 +147,48 @@ class ModelCopies:
         """The copy currently held in ``dtype`` (None if none): for tests and memory checks."""
         held = self._copies.get((dtype, adapter))
         return None if held is None else held[1]
+
+
+def embedding_fingerprint(body: nn.Module, texts: tuple, batch_size: int, base: bool) -> str:
+    """SHA-256 of what text embeddings depend on: every parameter and buffer of ``body`` (names, dtypes,
+    bytes; ``base``: without the switched-off LoRA adapter's), the texts' token ids and the batch size (which
+    texts share a forward)."""
+    h = hashlib.sha256(f"texts:{len(texts)}:{batch_size}".encode())
+    for t in texts:
+        h.update(np.asarray(t, dtype=np.int64).tobytes())
+    for name, tensor in [*body.named_parameters(), *body.named_buffers()]:
+        if base and "lora_" in name:
+            continue
+        h.update(f"{name}:{tensor.dtype}:{tuple(tensor.shape)}".encode())
+        h.update(tensor.detach().contiguous().cpu().view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+def _read_embeddings(path: Path, n: int) -> torch.Tensor | None:
+    """The embeddings stored at ``path`` (data only: ``weights_only``), None when absent or not (n, d) float32."""
+    if not path.is_file():
+        return None
+    try:
+        out = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 -- a truncated or foreign file is recomputed, not trusted
+        log.warning("text embedding cache %s unreadable (%s); recomputing", path, e)
+        return None
+    if not isinstance(out, torch.Tensor) or out.dtype != torch.float32 or out.dim() != 2 or out.shape[0] != n \
+            or not torch.isfinite(out).all():
+        log.warning("text embedding cache %s does not hold %d finite float32 rows; recomputing", path, n)
+        return None
+    return out
+
+
+def _write_embeddings(path: Path, out: torch.Tensor) -> None:
+    """Atomically (a temporary file renamed over ``path``): a kill never leaves a half-written cache."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    try:
+        torch.save(out.detach().cpu(), tmp)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def backbone_version(model: nn.Module) -> tuple:
@@ -395,7 +443,7 @@ class LMRunner:
     # ------------------------------------------------------------------ texts
     @_no_autocast
     def text_embeddings(self, texts: Sequence[Sequence[int]], base: bool = False, cache_key: str | None = None,
-                        batch_size: int = 64) -> torch.Tensor:
+                        batch_size: int = 64, store: str | Path | None = None) -> torch.Tensor:
         """(n, d) float32 final hidden state (after the last norm: transformers' ``hidden_states[-1]``) at
         each text's last token, each text (token ids, nothing added) run on its own from position 0.
 
@@ -407,6 +455,10 @@ class LMRunner:
                 unchanged: the catalog's titles are embedded once per weights version.
             batch_size: texts per forward. Only texts of one length share a forward (no padding), so a
                 text's embedding does not depend on the others beyond float rounding; 1: exactly alone.
+            store: with ``cache_key``, also keep the result in this folder, named by the SHA-256 of the
+                embedding weights' bytes (in the inference dtype), the texts and the batch size: the
+                catalog's titles are embedded once per weights content across processes (a SmolLM2 catalog
+                is ~15 min on one CPU core). A file that does not match is recomputed, never trusted.
         """
         if not texts or min(map(len, texts)) < 1:
             raise ValueError("text_embeddings: every text needs at least one token")
@@ -416,6 +468,15 @@ class LMRunner:
         frozen = tuple(map(tuple, texts)) if cache_key is not None else None
         if held is not None and held[0] == version and held[1] == frozen:
             return held[2]
+        path = None
+        if cache_key is not None and store is not None:
+            with self._embedding_body(base) as body:
+                path = Path(store) / f"{embedding_fingerprint(body, frozen, batch_size, base)}.pt"
+            cached = _read_embeddings(path, len(texts))
+            if cached is not None:
+                cached = cached.to(self.device)
+                self.owner.text_cache[key] = (version, frozen, cached)
+                return cached
         lengths = np.array([len(t) for t in texts])
         rows_of, last = [], []
         with self._embedding_body(base) as body:
@@ -437,6 +498,8 @@ class LMRunner:
         out[torch.from_numpy(np.concatenate(rows_of)).to(self.device)] = stacked
         if cache_key is not None:
             self.owner.text_cache[key] = (version, frozen, out)
+        if path is not None:
+            _write_embeddings(path, out)
         return out
 
     @contextlib.contextmanager

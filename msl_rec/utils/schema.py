@@ -152,6 +152,7 @@ class GroundingDecoderConfig:
     dtype: str = "float32"
     shared_prompt: bool | None = None  # null: the decoder's own choice
     share_preamble: bool = True
+    embedding_cache: str | None = None  # a folder for the titles' embeddings (keyed by weights content)
 
 
 @dataclass
