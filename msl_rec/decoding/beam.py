@@ -52,6 +52,28 @@ MASK_MODES = ("before", "after")
 EARLY_STOPPING = (False, True, "never")
 
 
+def users_going_on(search, finished, users, top_val, cont, gen_len: int) -> np.ndarray:
+    """Per live user, whether a beam search keeps searching (transformers' ``_check_early_stop_heuristic``):
+    it has running beams and, once K hypotheses are finished, its best running beam could still beat the
+    worst. ``search``: a beam search with ``num_beams``, ``length_penalty``, ``max_new_tokens`` and
+    ``early_stopping`` (:class:`ConstrainedBeamSearch`, :class:`~msl_rec.decoding.grounding.Grounding`);
+    ``finished``: per user its (score, ...) hypotheses; ``top_val``/``cont``: (U, 2K) candidate scores and
+    which of them continue."""
+    K, lp = search.num_beams, search.length_penalty
+    hyp_len = search.max_new_tokens if (search.early_stopping == "never" and lp > 0) else gen_len
+    keep = cont.any(axis=1)
+    for u in np.nonzero(keep)[0]:
+        hyps = finished[users[u]]
+        if len(hyps) < K:
+            continue
+        if search.early_stopping is True:
+            keep[u] = False
+            continue
+        best_running = float(top_val[u, np.argmax(cont[u])]) / hyp_len ** lp
+        keep[u] = best_running > min(h[0] for h in hyps)
+    return keep
+
+
 @dataclass
 class _Beams:
     """The live search state (host side). Rows (beams) are grouped by user, best first."""
@@ -206,22 +228,7 @@ class ConstrainedBeamSearch(Decoder):
                 hyps.sort(key=lambda h: -h[0])
                 del hyps[self.num_beams:]
 
-    def _users_going_on(self, finished, users, top_val, cont, gen_len: int) -> np.ndarray:
-        """Per live user, whether it keeps searching (``_check_early_stop_heuristic``): it has running
-        beams and, once K hypotheses are finished, its best running beam could still beat the worst."""
-        K, lp = self.num_beams, self.length_penalty
-        hyp_len = self.max_new_tokens if (self.early_stopping == "never" and lp > 0) else gen_len
-        keep = cont.any(axis=1)
-        for u in np.nonzero(keep)[0]:
-            hyps = finished[users[u]]
-            if len(hyps) < K:
-                continue
-            if self.early_stopping is True:
-                keep[u] = False
-                continue
-            best_running = float(top_val[u, np.argmax(cont[u])]) / hyp_len ** lp
-            keep[u] = best_running > min(h[0] for h in hyps)
-        return keep
+    _users_going_on = users_going_on
 
     def _advance(self, beams: _Beams, cont, top_val, flat, cand_row, cand_tok, cand_node) -> None:
         """Make the chosen candidates ``cont`` (U, 2K) the running beams, drop the users with none and

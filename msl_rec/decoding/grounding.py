@@ -48,7 +48,7 @@ import numpy as np
 import torch
 
 from msl_rec.decoding.base import Decoder, Ranking
-from msl_rec.decoding.beam import EARLY_STOPPING
+from msl_rec.decoding.beam import EARLY_STOPPING, users_going_on
 from msl_rec.utils.precision import eval_dtype
 
 EMBEDDING_MODELS = ("base", "tuned")
@@ -233,19 +233,4 @@ class Grounding(Decoder):
                 hyps.sort(key=lambda h: -h[0])
                 del hyps[self.num_beams:]
 
-    def _users_going_on(self, finished, users, top_val, cont, gen_len: int) -> np.ndarray:
-        """Per live user, whether it keeps searching: as ``ConstrainedBeamSearch._users_going_on``
-        (transformers' ``_check_early_stop_heuristic``)."""
-        K, lp = self.num_beams, self.length_penalty
-        hyp_len = self.max_new_tokens if (self.early_stopping == "never" and lp > 0) else gen_len
-        keep = cont.any(axis=1)
-        for u in np.nonzero(keep)[0]:
-            hyps = finished[users[u]]
-            if len(hyps) < K:
-                continue
-            if self.early_stopping is True:
-                keep[u] = False
-                continue
-            best_running = float(top_val[u, np.argmax(cont[u])]) / hyp_len ** lp
-            keep[u] = best_running > min(h[0] for h in hyps)
-        return keep
+    _users_going_on = users_going_on  # the stopping rule of the constrained search
