@@ -9,6 +9,7 @@ from types import SimpleNamespace
 import pytest
 from omegaconf import OmegaConf
 
+from msl_rec.data.io import read_samples
 from msl_rec.utils.wandb_files import read_records
 from tests.conftest import TINY, compose
 
@@ -78,9 +79,9 @@ class _FakeRun:
 
 def _fake_trainer(rows: list[tuple[int, tuple[int, ...], int]]):
     """A trainer as the dashboard sees it: validation rows (user, history, target), titles 'T<id>'."""
-    sample = [SimpleNamespace(sample=SimpleNamespace(user_id=u, history=h, target=t)) for u, h, t in rows]
+    samples = [SimpleNamespace(user_id=u, history=h, target=t) for u, h, t in rows]
     dm = SimpleNamespace(catalog=SimpleNamespace(titles={i: f"T{i}" for i in range(100)}),
-                         datasets={"valid": SimpleNamespace(encoded=sample)})
+                         eval_samples=lambda split: samples if split == "valid" else None)
     return SimpleNamespace(sanity_checking=False, datamodule=dm, global_step=7, current_epoch=1,
                            val_dataloaders=SimpleNamespace(sampler=range(len(rows))))
 
@@ -217,3 +218,22 @@ def test_eval_run_joins_the_training_run_group(trained, tmp_path, monkeypatch):
     assert run.config["train_run"]["id"] == trained_run.run_id
     assert run.config["eval"]["n_users"] == 2 and run.summary["n_users"] == 2 and run.summary["split"] == "valid"
     assert run.summary["valid/ndcg@10"] == pytest.approx(metrics["valid/ndcg@10"])
+
+
+def test_a_sequential_run_gets_the_same_dashboard(tmp_path, monkeypatch):
+    """method=sasrec with logger=wandb (offline): the recommendation table is built from its validation rows."""
+    from msl_rec.train import train
+    from msl_rec.utils.dashboard import TABLE_KEY, WandbDashboard
+
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    tables = []
+    log_table = WandbDashboard._table
+    monkeypatch.setattr(WandbDashboard, "_table", lambda self, trainer: tables.append(log_table(self, trainer))
+                        or tables[-1])
+    cfg = compose("train.yaml", _tiny("method=sasrec", "data.train_subset=64", "data.valid_subset=4",
+                                      "data.micro_batch_size=32", "optim.global_batch_size=32", "trainer.max_epochs=1",
+                                      "callbacks.dashboard.sample_users=2"), tmp_path)
+    train(cfg)
+    assert TABLE_KEY and len(tables) == 1 and len(tables[0].data) == 2
+    assert [row[2] for row in tables[0].data] == [s.user_id for s in read_samples(cfg.dataset.valid_file)[:2]]

@@ -146,7 +146,7 @@ class WandbDashboard(L.Callback):
         import wandb
 
         dm = trainer.datamodule
-        titles, dataset = dm.catalog.titles, dm.datasets["valid"]
+        titles, samples = dm.catalog.titles, dm.eval_samples("valid")  # an LLM's or a sequential model's rows
 
         def title(item: int) -> str:
             return titles.get(int(item), f"<item {item}>")
@@ -154,7 +154,7 @@ class WandbDashboard(L.Callback):
         table = wandb.Table(columns=["epoch", "row", "user_id", f"history (last {self.history_titles})", "target",
                                      f"top {self.top_titles} (score)", "target rank", f"hit@{self.top_titles}"])
         for row, pred in sorted(self._samples, key=lambda s: s[0]):
-            sample = dataset.encoded[row].sample
+            sample = samples[row]
             if (sample.user_id, sample.target) != (int(pred["user_id"]), int(pred["target_id"])):
                 raise RuntimeError(f"validation row {row} is user {sample.user_id} / target {sample.target} but its "
                                    f"prediction is for user {pred['user_id']} / target {pred['target_id']}: the "
