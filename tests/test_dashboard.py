@@ -223,7 +223,7 @@ def test_eval_run_joins_the_training_run_group(trained, tmp_path, monkeypatch):
 def test_a_sequential_run_gets_the_same_dashboard(tmp_path, monkeypatch):
     """method=sasrec with logger=wandb (offline): the recommendation table is built from its validation rows."""
     from msl_rec.train import train
-    from msl_rec.utils.dashboard import TABLE_KEY, WandbDashboard
+    from msl_rec.utils.dashboard import WandbDashboard
 
     monkeypatch.setenv("WANDB_MODE", "offline")
     monkeypatch.setenv("WANDB_SILENT", "true")
@@ -235,5 +235,5 @@ def test_a_sequential_run_gets_the_same_dashboard(tmp_path, monkeypatch):
                                       "data.micro_batch_size=32", "optim.global_batch_size=32", "trainer.max_epochs=1",
                                       "callbacks.dashboard.sample_users=2"), tmp_path)
     train(cfg)
-    assert TABLE_KEY and len(tables) == 1 and len(tables[0].data) == 2
+    assert len(tables) == 1 and len(tables[0].data) == 2
     assert [row[2] for row in tables[0].data] == [s.user_id for s in read_samples(cfg.dataset.valid_file)[:2]]
