@@ -39,13 +39,13 @@ as users finish); the trie is read through ``catalog.children_csr()``.
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 
-from msl_rec.decoding.base import Decoder, Ranking
+from msl_rec.decoding.base import LMDecoder, Ranking
 from msl_rec.utils.precision import eval_dtype
 
 MASK_MODES = ("before", "after")
@@ -85,7 +85,7 @@ class _Beams:
     rows: object               # the runner's BeamRows: the model side of the rows
 
 
-class ConstrainedBeamSearch(Decoder):
+class ConstrainedBeamSearch(LMDecoder):
     """Beam search restricted to catalog titles (see the module docstring for the exact rules).
 
     Args:
@@ -155,16 +155,6 @@ class ConstrainedBeamSearch(Decoder):
         return self.dtype
 
     # ------------------------------------------------------------------ search
-    def rank(self, lm, batch: Mapping[str, torch.Tensor]) -> list[Ranking]:
-        """Rank ``batch``'s users (its ``prompt_input_ids`` / ``prompt_attention_mask``) with the
-        inference runner ``lm`` (``CausalLMInference(...).bind(model)``; the evaluation's
-        ``BatchPredictor`` builds it from this decoder's ``dtype``/``shared_prompt``/``share_preamble``)."""
-        if not hasattr(lm, "encode_prompts"):
-            raise TypeError(f"{type(self).__name__}.rank needs an inference runner, got {type(lm).__name__}: use "
-                            "msl_rec.evaluation.predict.BatchPredictor(decoder, catalog).predict(model, batch), or "
-                            "CausalLMInference(dtype=...).bind(model) from msl_rec.models.inference")
-        return self.search(lm, lm.encode_prompts(batch["prompt_input_ids"], batch["prompt_attention_mask"]))
-
     def search(self, lm, prompts) -> list[Ranking]:
         """The beam steps (module docstring, rules 1-4) over encoded prompts (``lm.encode_prompts``);
         one device->host copy per step (the top candidates), everything else on the host is

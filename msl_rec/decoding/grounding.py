@@ -42,12 +42,12 @@ the inference runner it is handed (``lm.beam_rows``, ``BeamRows.top_tokens``/``a
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 
 import numpy as np
 import torch
 
-from msl_rec.decoding.base import Decoder, Ranking
+from msl_rec.decoding.base import LMDecoder, Ranking
 from msl_rec.decoding.beam import EARLY_STOPPING, users_going_on
 from msl_rec.utils.precision import eval_dtype
 
@@ -56,7 +56,7 @@ Hypothesis = tuple[float, list[int]]
 """A finished beam: ``(sum of log-probs / generated_len ** length_penalty, generated token ids)``."""
 
 
-class Grounding(Decoder):
+class Grounding(LMDecoder):
     """BIGRec's free generation + L2 grounding to the catalog (module docstring).
 
     Args:
@@ -136,14 +136,6 @@ class Grounding(Decoder):
         return tokens or [self.eos_id]
 
     # ------------------------------------------------------------------ search
-    def rank(self, lm, batch: Mapping[str, torch.Tensor]) -> list[Ranking]:
-        """Rank ``batch``'s users with the inference runner ``lm`` (see ``ConstrainedBeamSearch.rank``)."""
-        if not hasattr(lm, "encode_prompts"):
-            raise TypeError(f"{type(self).__name__}.rank needs an inference runner, got {type(lm).__name__}: use "
-                            "msl_rec.evaluation.predict.BatchPredictor(decoder, catalog).predict(model, batch), or "
-                            "CausalLMInference(dtype=...).bind(model) from msl_rec.models.inference")
-        return self.search(lm, lm.encode_prompts(batch["prompt_input_ids"], batch["prompt_attention_mask"]))
-
     def search(self, lm, prompts) -> list[Ranking]:
         """Per user: the ``num_results`` catalog sequences nearest its generated text, ``(index, -L2)``."""
         generated = [hyps[0][1] for hyps in self.generate(lm, prompts)]
