@@ -206,10 +206,22 @@ def load_run(run: Path) -> dict:
         "joins": model_free or sequential,
         "dataset": (cfg.get("dataset") or {}).get("name"),
         "backbone": None if model_free or sequential else (cfg.get("backbone") or {}).get("name"),
-        "decoder": None if model_free else (own.get("decoder") or {}).get("name"),
+        # what the evaluation decoded with (its eval_key.json: a run_dir= evaluation of a sequential run takes
+        # the run's decoder, which the composed config does not show); else the config's
+        "decoder": None if model_free else eval_decoder(run, own),
         "split": own.get("split", "valid"),  # a training run's metrics are on its validation users
         "users": user_set(run, own, rows),
     }
+
+
+def eval_decoder(run: Path, own: dict) -> str | None:
+    """The decoder name an evaluation used (``eval_key.json``), else its config's."""
+    key_file = run / "eval_key.json"
+    if key_file.is_file():
+        name = (read_run_file(key_file, run).get("decoder") or {}).get("name")
+        if name:
+            return name
+    return (own.get("decoder") or {}).get("name")
 
 
 def load_curves(run: Path) -> list[dict[str, str]]:
@@ -473,7 +485,7 @@ def results_table(runs: list[dict]) -> str:
         groups[r["label"]].append(r)
     base = groups.get(BASE)
     columns = COLUMNS + ([LOGP] if any(LOGP[1] in r["metrics"] for r in runs) else [])
-    lines = ["| loss | runs | users | " + " | ".join(c for c, _ in columns) + " |",
+    lines = ["| model | runs | users | " + " | ".join(c for c, _ in columns) + " |",
              "| --- | --- | --- | " + " | ".join("---" for _ in columns) + " |"]
     for label in sorted(groups, key=lambda s: (s != BASE, s)):
         rs = groups[label]

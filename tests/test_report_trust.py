@@ -232,3 +232,27 @@ def test_compare_rerun_refuses_runs_made_with_other_settings(tmp_path, monkeypat
     with pytest.raises(ValueError, match=r"eval/popularity was made with other overrides \(subset=4, subset=5 differ\)"):
         compare_py.compare_job(compare_cfg(root, "stage=final", "model=popularity", "eval.users=5"))
     assert ran == []
+
+
+def test_report_puts_sequential_models_beside_the_llm_runs(tmp_path):
+    """A SASRec+DROS and a BERT4Rec run (no backbone; eval_key.json says item_scores) join the LLM's context of the
+    same users, labelled by method and loss, and are compared with popularity (old: labelled by loss class, in
+    contexts of their own, no comparison with popularity)."""
+    from experiments.report import write_report
+
+    rows = list(range(10))
+    lml_train = make_run(tmp_path / "train" / "lml", train_cfg(LML, 1))
+    make_eval(tmp_path / "eval" / "lml", lml_train, [0] + [-1] * 9, rows)
+    make_eval(tmp_path / "eval" / "popularity", None, [-1] * 9 + [0], rows, decoder="popularity")
+    for name, method, loss, ranks in (("dros", "sasrec", "DROSLoss", [0, 1, 0] + [-1] * 7),
+                                      ("bert", "bert4rec", "CELoss", [0, 0] + [-1] * 8)):
+        cfg = {**train_cfg({"_target_": f"msl_rec.losses.{loss}"}, 1), "method": {"name": method, "kind": "sequential"}}
+        run = make_run(tmp_path / "train" / name, cfg)
+        folder = make_eval(tmp_path / "eval" / name, run, ranks, rows)
+        (folder / "eval_key.json").write_text(json.dumps({"rows": [0, 10], "decoder": {"name": "item_scores"}}))
+    text = write_report([tmp_path / "eval"], tmp_path / "out").read_text()
+    assert "## C2" not in text  # one context: the same users
+    ctx = section(text, "## C1. books / tiny_llama / cbs_masked / valid rows 0-9")
+    assert "| SASRec+DROS | 1 | 10 |" in ctx and "| BERT4Rec | 1 | 10 |" in ctx and "| LML | 1 | 10 |" in ctx
+    paired = section(text, "## Paired comparison with popularity (same users): C1")
+    assert "| SASRec+DROS | ndcg@10 | 10 |" in paired and "| BERT4Rec | hr@10 | 10 |" in paired

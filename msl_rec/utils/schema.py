@@ -250,7 +250,7 @@ DECODER_SCHEMAS = {"beam": BeamDecoderConfig, "popularity": PopularityDecoderCon
 """Decoder kind -> its schema (ConfigStore ``decoder/schema_<kind>``; cbs and cbs_masked are ``beam``)."""
 
 MODEL_SCHEMAS = {"sasrec": SASRecConfig, "bert4rec": BERT4RecConfig}
-"""``configs/model/<name>.yaml`` (a sequential method's model) -> its schema (ConfigStore ``model/schema_<name>``)."""
+"""``configs/model/<name>.yaml`` (a sequential method's model) -> its schema (ConfigStore ``schemas/model/<name>``)."""
 
 # ----------------------------------------------------------------------------- top-level nodes
 
@@ -366,8 +366,10 @@ def register_schemas() -> None:
         cs.store(group="loss", name=f"schema_{name}", node=schema)
     for kind, schema in DECODER_SCHEMAS.items():
         cs.store(group="decoder", name=f"schema_{kind}", node=schema)
+    # not under group "model": a ConfigStore group is a config group in every Hydra app of the process, and
+    # experiments.compare has a plain `model=` key (configs/model/<name>.yaml names /schemas/model/<name>@_here_)
     for name, schema in MODEL_SCHEMAS.items():
-        cs.store(group="model", name=f"schema_{name}", node=schema)
+        cs.store(group="schemas/model", name=name, node=schema)
 
 
 # ----------------------------------------------------------------------------- after composition
