@@ -41,7 +41,8 @@ def load(folders: list[Path]) -> list[dict[int, dict]]:
     return [user_rows({"predictions": f / "predictions.jsonl"}) for f in folders]
 
 
-def compare(base: tuple[str, list[Path]], models: list[tuple[str, list[Path]]], rows: int | None = None) -> str:
+def compare(base: tuple[str, list[Path]], models: list[tuple[str, list[Path]]], rows: int | None = None,
+            metrics: tuple[str, ...] = METRICS) -> str:
     tables = {name: load(folders) for name, folders in [base, *models]}
     shared = set.intersection(*(set(t) for ts in tables.values() for t in ts))
     if rows is not None:
@@ -61,7 +62,7 @@ def compare(base: tuple[str, list[Path]], models: list[tuple[str, list[Path]]], 
              f"| model | metric | seeds (model, base) | model | {ref_name} | difference | 95% CI | p | MDE | verdict |",
              "| --- |" + " --- |" * 9]
     for name, _ in models:
-        for metric in METRICS:
+        for metric in metrics:
             if not all(metric in t[r] for ts in (tables[name], tables[ref_name]) for t in ts for r in shared):
                 continue
             vals = [np.stack([np.array([t[r][metric] for r in shared]) for t in tables[n]]) for n in (name, ref_name)]
@@ -77,9 +78,11 @@ def main() -> None:
     ap.add_argument("--base", required=True, help="NAME=DIR[,DIR...]: the baseline's evaluations")
     ap.add_argument("models", nargs="+", help="NAME=DIR[,DIR...]: a model's evaluations (one per seed)")
     ap.add_argument("--rows", type=int, default=None, help="only the first N rows of the split")
+    ap.add_argument("--metrics", nargs="+", default=list(METRICS),
+                    help="per-user values to compare (target_logp only between evaluations of one decoder masking)")
     ap.add_argument("--out", type=Path, default=None, help="also write the table here")
     args = ap.parse_args()
-    table = compare(parse_model(args.base), [parse_model(m) for m in args.models], args.rows)
+    table = compare(parse_model(args.base), [parse_model(m) for m in args.models], args.rows, tuple(args.metrics))
     print(table)
     if args.out:
         args.out.write_text(table + "\n")

@@ -123,7 +123,7 @@ def test_ranking_equals_brute_force_nearest_title(tiny, embedding_model):
     model, catalog, tok = tiny
     n = len(catalog.sequences)
     dec = Grounding(catalog, num_beams=4, max_new_tokens=10, num_results=n, embedding_model=embedding_model,
-                    top_k=[1, 5])
+                    top_k=[1, 5], text="response")
     lm = CausalLMInference().bind(model)
     prompts = _encoded(lm, tok, PROMPTS)
     generated = [hyps[0][1] for hyps in dec.generate(lm, prompts)]
@@ -138,9 +138,34 @@ def test_ranking_equals_brute_force_nearest_title(tiny, embedding_model):
         assert [-x for _, x in ranking] == pytest.approx(dist[order].tolist(), abs=1e-5)
         gaps = torch.diff(dist[order])
         assert float(gaps.min()) > 1e-4  # no near-tie: the brute-force order is exact
-    other = Grounding(catalog, num_beams=4, max_new_tokens=10, num_results=n, top_k=[1],
+    other = Grounding(catalog, num_beams=4, max_new_tokens=10, num_results=n, top_k=[1], text="response",
                       embedding_model="tuned" if base else "base").search(lm, prompts)
     assert [[x for _, x in r] for r in other] != [[x for _, x in r] for r in got]  # the adapter matters
+
+
+def test_bigrec_texts_are_bare_titles_with_the_tokenizers_special_tokens(tiny):
+    """``text="title"`` (the default, BIGRec's): every title embedded as ``tokenizer(title)`` (quotes and spaces
+    stripped, special tokens added) and each generation as ``tokenizer(decode(generated).strip('"'))``; the
+    ranking equals a brute-force nearest-title search over those texts."""
+    model, catalog, tok = tiny
+    n = len(catalog.sequences)
+    dec = Grounding(catalog, num_beams=4, max_new_tokens=10, num_results=n, top_k=[1, 5])
+    assert dec.text == "title"
+    bare = [tok(catalog.titles[items[0]].strip(" ").strip('"'))["input_ids"] for items in catalog.seq_items]
+    assert dec.titles == bare and all(b[-1] != ord('"') for b in bare)
+    lm = CausalLMInference().bind(model)
+    prompts = _encoded(lm, tok, PROMPTS)
+    generated = [hyps[0][1] for hyps in dec.generate(lm, prompts)]
+    titles = torch.stack([_brute_embedding(model, t, True) for t in bare])
+    for g, ranking in zip(generated, dec.search(lm, prompts)):
+        text = tok(tok.decode(g, skip_special_tokens=True).strip('"') or " ")["input_ids"]  # nothing left: a space
+        dist = (titles - _brute_embedding(model, text, True)).norm(dim=-1)
+        order = torch.sort(dist, stable=True).indices.tolist()
+        assert [s for s, _ in ranking] == order
+        assert [-x for _, x in ranking] == pytest.approx(dist[order].tolist(), abs=1e-5)
+    response = Grounding(catalog, num_beams=4, max_new_tokens=10, num_results=n, top_k=[1], text="response")
+    assert [[x for _, x in r] for r in response.search(lm, prompts)] != [[x for _, x in r] for r in
+                                                                         dec.search(lm, prompts)]
 
 
 def test_a_generated_title_is_its_own_nearest_title(tiny):
@@ -150,7 +175,8 @@ def test_a_generated_title_is_its_own_nearest_title(tiny):
     lm = CausalLMInference().bind(model)
     for s in (0, 3, len(catalog.sequences) - 1):
         (ranking,) = dec.ground(lm, [catalog.sequences[s]])
-        assert ranking[0] == (s, -0.0) and len(ranking) == 3
+        # the title was embedded in a batch of titles of its length, the generation alone: rounding apart
+        assert ranking[0][0] == s and abs(ranking[0][1]) < 1e-5 and len(ranking) == 3
 
 
 def test_rankings_do_not_depend_on_the_batch(tiny):

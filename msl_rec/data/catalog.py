@@ -122,6 +122,7 @@ class ItemCatalog:
     def __init__(self, titles: Mapping[int, str], tokenizer, response_format: str = RESPONSE_FORMAT):
         self.titles = dict(titles)
         self.response_format = response_format
+        self.tokenizer = tokenizer  # BIGRec's grounding re-encodes generated text (bare_text_ids)
         self.eos_id = eos_token_id(tokenizer)
         item_ids = sorted(self.titles)
         texts = [response_format.format(title=self.titles[i]) for i in item_ids]
@@ -141,6 +142,19 @@ class ItemCatalog:
     def from_file(cls, item_file: str | Path, tokenizer, response_format: str = RESPONSE_FORMAT,
                   allow_empty_titles: bool = False):
         return cls(load_titles(item_file, allow_empty_titles), tokenizer, response_format)
+
+    # ------------------------------------------------------------------ plain texts (BIGRec's grounding)
+    def bare_title_ids(self) -> list[list[int]]:
+        """Per sequence, its title as BIGRec embeds it: the bare title (no quotes) tokenised with the
+        tokenizer's special tokens (LLaMA's BOS), as ``tokenizer(title)`` in its ``embedding.ipynb``."""
+        texts = [self.titles[items[0]].strip(" ").strip('"') or " " for items in self.seq_items]
+        return [list(ids) for ids in self.tokenizer(texts, add_special_tokens=True)["input_ids"]]
+
+    def bare_text_ids(self, tokens: Sequence[int]) -> list[int]:
+        """A generated response as BIGRec embeds it (``evaluate.py``): decoded without special tokens, its
+        quotes stripped (``.strip('"')``), tokenised again with the special tokens."""
+        text = self.tokenizer.decode(list(tokens), skip_special_tokens=True).strip('"') or " "
+        return list(self.tokenizer(text, add_special_tokens=True)["input_ids"])
 
     # ------------------------------------------------------------------ construction
     def _build_trie(self) -> None:

@@ -52,6 +52,7 @@ from msl_rec.decoding.beam import EARLY_STOPPING, users_going_on
 from msl_rec.utils.precision import eval_dtype
 
 EMBEDDING_MODELS = ("base", "tuned")
+TEXTS = ("title", "response")
 Hypothesis = tuple[float, list[int]]
 """A finished beam: ``(sum of log-probs / generated_len ** length_penalty, generated token ids)``."""
 
@@ -71,6 +72,8 @@ class Grounding(LMDecoder):
         top_k: the cut-offs the decoder is evaluated at; each must be <= ``num_results``.
         shared_prompt, dtype, share_preamble: the inference runner's settings, as for
             :class:`~msl_rec.decoding.beam.ConstrainedBeamSearch`.
+        text: ``"title"`` (BIGRec): titles and generations embedded as bare text (quotes stripped) with the
+            tokenizer's special tokens (LLaMA's BOS); ``"response"``: as the quoted response tokens, EOS dropped.
         embedding_cache: a folder where the titles' embeddings are also kept, keyed by the embedding
             weights' content (:meth:`~msl_rec.models.inference.LMRunner.text_embeddings` ``store``); None: in
             memory only.
@@ -87,7 +90,9 @@ class Grounding(LMDecoder):
     def __init__(self, catalog, num_beams: int = 10, length_penalty: float = 1.0, max_new_tokens: int = 64,
                  early_stopping: bool | str = False, num_results: int | None = None, embedding_model: str = "base",
                  top_k: Sequence[int] = (1, 5, 10), shared_prompt: bool | None = None, dtype: str = "float32",
-                 share_preamble: bool = True, embedding_cache: str | None = None):
+                 share_preamble: bool = True, embedding_cache: str | None = None, text: str = "title"):
+        if text not in TEXTS:
+            raise ValueError(f"decoder.text must be one of {TEXTS}, got {text!r}")
         if early_stopping not in EARLY_STOPPING:
             raise ValueError(f"decoder.early_stopping must be one of {EARLY_STOPPING}, got {early_stopping!r}")
         if embedding_model not in EMBEDDING_MODELS:
@@ -115,7 +120,9 @@ class Grounding(LMDecoder):
         self.share_preamble = bool(share_preamble)
         self.embedding_cache = embedding_cache
         self.eos_id = int(catalog.eos_id)
-        self.titles = [self.text_of(seq) for seq in catalog.sequences]  # what each sequence is embedded as
+        self.text = text
+        # what each sequence is embedded as
+        self.titles = (catalog.bare_title_ids() if text == "title" else [self.text_of(seq) for seq in catalog.sequences])
 
     def __repr__(self) -> str:
         return (f"Grounding(num_beams={self.num_beams}, length_penalty={self.length_penalty}, "
@@ -128,8 +135,12 @@ class Grounding(LMDecoder):
         return self.dtype
 
     def text_of(self, tokens: Sequence[int]) -> list[int]:
-        """The tokens a response is embedded as: without its final EOS (BIGRec decodes with special
-        tokens skipped); a response that is EOS alone is embedded as that one token."""
+        """The tokens a generated response is embedded as. ``text="title"`` (BIGRec): decoded, its quotes
+        stripped, tokenised again with the tokenizer's special tokens (:meth:`ItemCatalog.bare_text_ids`).
+        ``"response"``: the response tokens themselves without the final EOS (a response that is EOS alone is
+        that one token), so a generated title's response is exactly that title's text."""
+        if self.text == "title":
+            return self.catalog.bare_text_ids(tokens)
         tokens = list(tokens)
         if tokens and tokens[-1] == self.eos_id and len(tokens) > 1:
             tokens = tokens[:-1]

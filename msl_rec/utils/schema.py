@@ -153,6 +153,7 @@ class GroundingDecoderConfig:
     shared_prompt: bool | None = None  # null: the decoder's own choice
     share_preamble: bool = True
     embedding_cache: str | None = None  # a folder for the titles' embeddings (keyed by weights content)
+    text: str = "title"  # title: bare text + special tokens (BIGRec) | response: the quoted response tokens
 
 
 @dataclass
