@@ -269,7 +269,132 @@ def row_count(key: str, value) -> int | None:
     return int(number)
 
 
-class RecDataModule(L.LightningDataModule):
+class SplitDataModule(L.LightningDataModule):
+    """What every msl-rec data module shares (the LLM's :class:`RecDataModule`, the sequential models'
+    :class:`~msl_rec.data.sequences.SequenceDataModule`): the BIGRec CSVs of ``dataset_cfg`` read and their
+    rows selected (``train_subset`` / ``sample`` / ``valid_subset`` / ``test_subset``, checked before any file
+    is read), the seeded train order (:class:`EpochShuffleSampler`), the loaders, and the evaluation interface
+    (``eval_samples``, ``eval_lengths``, ``eval_dataloader``, ``train_targets``). A subclass turns a split's
+    samples into its dataset (:meth:`make_dataset`) and says what a row's length is (:meth:`row_lengths`).
+    """
+
+    def __init__(self, dataset_cfg, catalog, collator, micro_batch_size: int, eval_batch_size: int,
+                 train_subset: int | None = None, valid_subset: int | None = None, test_subset: int | None = None,
+                 sample: int | None = None, seed: int = 0, num_workers: int = 0):
+        super().__init__()
+        if micro_batch_size < 1 or eval_batch_size < 1:
+            raise ValueError(f"data.micro_batch_size={micro_batch_size}, data.eval_batch_size={eval_batch_size}: "
+                             "both must be >= 1")
+        # checked here, before any file is read: each names its key
+        train_subset, valid_subset, test_subset, sample = (
+            row_count(f"data.{key}", value) for key, value in (("train_subset", train_subset),
+                                                              ("valid_subset", valid_subset),
+                                                              ("test_subset", test_subset), ("sample", sample)))
+        if sample is not None and train_subset is not None:
+            raise ValueError(f"data.sample={sample} (random rows) and data.train_subset={train_subset} (first rows) "
+                             "both select train rows; set one of them to null")
+        self.cfg, self.catalog, self.collator = dataset_cfg, catalog, collator
+        self.micro_batch_size, self.eval_batch_size = micro_batch_size, eval_batch_size
+        self.subsets = {"train": train_subset, "valid": valid_subset, "test": test_subset}
+        self.sample, self.seed, self.num_workers = sample, seed, num_workers
+        self.datasets: dict[str, Dataset] = {}
+        self.train_targets: list[int] = []
+        self._train_sampler: EpochShuffleSampler | None = None
+
+    # ---------------------------------------------------------------- what a subclass provides
+    def make_dataset(self, split: str, samples: list[Sample]) -> Dataset:
+        """The dataset of ``split``'s selected rows (item ``i`` is row ``i``); it has ``set_epoch`` and ``epoch``."""
+        raise NotImplementedError
+
+    def row_lengths(self, split: str) -> list[int] | None:
+        """Per row of ``split``, its length (train: bucketing, None for none; eval: batching similar users)."""
+        raise NotImplementedError
+
+    def split_samples(self, split: str) -> list[Sample]:
+        """The rows of ``split``'s dataset (user, history, target), in file order."""
+        raise NotImplementedError
+
+    # ---------------------------------------------------------------- splits
+    def _load(self, split: str) -> Dataset | None:
+        if split in self.datasets:
+            return self.datasets[split]
+        path = dataset_file(self.cfg, f"{split}_file")  # a missing file: an error saying how to build it
+        if path is None:
+            return None
+        samples = read_samples(path, self.catalog.titles)
+        if self.subsets[split] is not None:
+            samples = samples[: self.subsets[split]]
+        if split == "train" and self.sample is not None:
+            samples = sample_rows(samples, self.sample, self.seed, path)
+        self.datasets[split] = self.make_dataset(split, samples)
+        return self.datasets[split]
+
+    def _require(self, split: str) -> Dataset:
+        ds = self._load(split)
+        if ds is None:
+            raise ValueError(f"dataset.{split}_file is null; no {split} rows")
+        return ds
+
+    def setup(self, stage: str | None = None) -> None:
+        if stage in (None, "fit"):
+            train = self._load("train")
+            self.train_targets = [s.target for s in self.split_samples("train")] if train is not None else []
+        if stage in (None, "fit", "validate"):
+            self._load("valid")
+        if stage in (None, "test"):
+            self._load("test")
+
+    def set_epoch(self, epoch: int) -> None:
+        """The train order (and an LLM's negatives) of ``epoch``."""
+        if "train" in self.datasets:
+            self.datasets["train"].set_epoch(epoch)
+        if self._train_sampler is not None:
+            self._train_sampler.epoch = int(epoch)
+
+    # ---------------------------------------------------------------- the evaluation interface
+    def eval_samples(self, split: str) -> list[Sample]:
+        """The split's rows (user, history, target), in file order (the evaluation keys rows by them)."""
+        self._require(split)
+        return self.split_samples(split)
+
+    def eval_lengths(self, split: str) -> list[int]:
+        """Per row its length (evaluation batches users of similar length)."""
+        self._require(split)
+        return self.row_lengths(split)
+
+    # ---------------------------------------------------------------- loaders
+    def _loader(self, split: str, batch_size: int, sampler=None, rows: Sequence[int] | None = None) -> DataLoader:
+        ds = self._require(split)
+        if rows is not None:
+            ds = Subset(ds, rows)
+        return DataLoader(ds, batch_size=batch_size, sampler=sampler, collate_fn=self.collator,
+                          num_workers=self.num_workers)
+
+    def eval_dataloader(self, split: str, rows: Sequence[int] | None = None) -> DataLoader:
+        """``valid``/``test`` batches of ``eval_batch_size`` in file order, only ``rows`` if given."""
+        return self._loader(split, self.eval_batch_size, rows=rows)
+
+    def train_dataloader(self) -> DataLoader:
+        ds = self._require("train")
+        trainer = self.trainer  # set by Lightning; None when used on its own
+        replicas, rank = (trainer.world_size, trainer.global_rank) if trainer is not None else (1, 0)
+        self._train_sampler = EpochShuffleSampler(ds, self.seed, self.train_lengths(), self.micro_batch_size,
+                                                  num_replicas=replicas, rank=rank)
+        self._train_sampler.set_epoch(ds.epoch)
+        return self._loader("train", self.micro_batch_size, self._train_sampler)
+
+    def train_lengths(self) -> list[int] | None:
+        """Per train row, what micro-batches are bucketed by; None: no bucketing."""
+        return None
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader("valid", self.eval_batch_size)
+
+    def test_dataloader(self) -> DataLoader:
+        return self._loader("test", self.eval_batch_size)
+
+
+class RecDataModule(SplitDataModule):
     """Train/valid/test dataloaders over BIGRec CSVs.
 
     Args:
@@ -296,118 +421,35 @@ class RecDataModule(L.LightningDataModule):
                  eval_batch_size: int = 8, train_subset: int | None = None, valid_subset: int | None = None,
                  test_subset: int | None = None, num_negatives: int = 0, fixed_negatives: bool = False,
                  seed: int = 0, num_workers: int = 0, sample: int | None = None, bucket_by_length: bool = True):
-        super().__init__()
-        if micro_batch_size < 1 or eval_batch_size < 1:
-            raise ValueError(f"data.micro_batch_size={micro_batch_size}, data.eval_batch_size={eval_batch_size}: "
-                             "both must be >= 1")
-        # checked here, before any file is read: each names its key
-        train_subset, valid_subset, test_subset, sample = (
-            row_count(f"data.{key}", value) for key, value in (("train_subset", train_subset),
-                                                              ("valid_subset", valid_subset),
-                                                              ("test_subset", test_subset), ("sample", sample)))
-        if sample is not None and train_subset is not None:
-            raise ValueError(f"data.sample={sample} (random rows) and data.train_subset={train_subset} (first rows) "
-                             "both select train rows; set one of them to null")
         if num_negatives < 0:
             raise ValueError(f"num_negatives must be >= 0 (got {num_negatives})")
-        self.cfg = dataset_cfg
+        super().__init__(dataset_cfg, catalog, Collator(catalog, pad_id_of(tokenizer, catalog)), micro_batch_size,
+                         eval_batch_size, train_subset, valid_subset, test_subset, sample, seed, num_workers)
         self.tokenizer = tokenizer
-        self.catalog = catalog
-        self.micro_batch_size = micro_batch_size
-        self.eval_batch_size = eval_batch_size
-        self.subsets = {"train": train_subset, "valid": valid_subset, "test": test_subset}
-        self.sample = sample
         self.bucket_by_length = bool(bucket_by_length)
         self.num_negatives = num_negatives
         self.fixed_negatives = fixed_negatives
-        self.seed = seed
-        self.num_workers = num_workers
         self.builder = PromptBuilder.from_config(dataset_cfg, tokenizer, catalog.titles)
-        self.collator = Collator(catalog, pad_id_of(tokenizer, catalog))
-        self.datasets: dict[str, RecDataset] = {}
-        self.train_targets: list[int] = []
-        self._train_sampler: EpochShuffleSampler | None = None
 
-    def _load(self, split: str) -> RecDataset | None:
-        if split in self.datasets:
-            return self.datasets[split]
-        path = dataset_file(self.cfg, f"{split}_file")  # a missing file: an error saying how to build it
-        if path is None:
-            return None
-        samples = read_samples(path, self.catalog.titles)
-        if self.subsets[split] is not None:
-            samples = samples[: self.subsets[split]]
-        if split == "train" and self.sample is not None:
-            samples = sample_rows(samples, self.sample, self.seed, path)
+    def make_dataset(self, split: str, samples: list[Sample]) -> RecDataset:
         negs = self.num_negatives if split == "train" else 0
-        ds = RecDataset(encode_samples(samples, self.builder, self.catalog), self.catalog, negs,
-                        self.fixed_negatives, self.seed)
-        self.datasets[split] = ds
-        return ds
+        return RecDataset(encode_samples(samples, self.builder, self.catalog), self.catalog, negs,
+                          self.fixed_negatives, self.seed)
+
+    def split_samples(self, split: str) -> list[Sample]:
+        return [e.sample for e in self.datasets[split].encoded]
+
+    def row_lengths(self, split: str) -> list[int]:
+        """Prompt tokens per row."""
+        return [len(e.prompt_ids) for e in self.datasets[split].encoded]
+
+    def train_lengths(self) -> list[int] | None:
+        """Prompt + response tokens per train row (bucketing), None without ``bucket_by_length``."""
+        ds = self.datasets["train"]
+        return [len(e.prompt_ids) + len(e.response_ids) for e in ds.encoded] if self.bucket_by_length else None
 
     @property
     def prompt_preamble(self) -> list[int]:
         """The token ids every prompt starts with (:meth:`PromptBuilder.preamble_ids`): evaluation
         computes their KV once and starts each prompt from it."""
         return self.builder.preamble_ids()
-
-    def eval_samples(self, split: str) -> list[Sample]:
-        """The split's rows (user, history, target), in file order (the evaluation keys rows by them)."""
-        return [e.sample for e in self._require(split).encoded]
-
-    def eval_lengths(self, split: str) -> list[int]:
-        """Prompt tokens per split row (evaluation batches users of similar length)."""
-        return [len(e.prompt_ids) for e in self._require(split).encoded]
-
-    def _require(self, split: str) -> RecDataset:
-        ds = self._load(split)
-        if ds is None:
-            raise ValueError(f"dataset.{split}_file is null; no {split} rows")
-        return ds
-
-    def setup(self, stage: str | None = None) -> None:
-        if stage in (None, "fit"):
-            train = self._load("train")
-            self.train_targets = [e.sample.target for e in train.encoded] if train else []
-        if stage in (None, "fit", "validate"):
-            self._load("valid")
-        if stage in (None, "test"):
-            self._load("test")
-
-    def set_epoch(self, epoch: int) -> None:
-        """Redraw train negatives for ``epoch`` (no effect with ``fixed_negatives``)."""
-        if "train" in self.datasets:
-            self.datasets["train"].set_epoch(epoch)
-        if self._train_sampler is not None:
-            self._train_sampler.epoch = int(epoch)
-
-    def _loader(self, split: str, batch_size: int, sampler=None, rows: Sequence[int] | None = None) -> DataLoader:
-        ds = self._load(split)
-        if ds is None:
-            raise ValueError(f"dataset.{split}_file is null; no {split} dataloader")
-        if rows is not None:
-            ds = Subset(ds, rows)
-        return DataLoader(ds, batch_size=batch_size, sampler=sampler, collate_fn=self.collator,
-                          num_workers=self.num_workers)
-
-    def eval_dataloader(self, split: str, rows: Sequence[int] | None = None) -> DataLoader:
-        """``valid``/``test`` batches of ``eval_batch_size`` in file order, only ``rows`` if given."""
-        return self._loader(split, self.eval_batch_size, rows=rows)
-
-    def train_dataloader(self) -> DataLoader:
-        ds = self._load("train")
-        if ds is None:
-            raise ValueError("dataset.train_file is null; no train dataloader")
-        trainer = self.trainer  # set by Lightning; None when used on its own
-        replicas, rank = (trainer.world_size, trainer.global_rank) if trainer is not None else (1, 0)
-        lengths = [len(e.prompt_ids) + len(e.response_ids) for e in ds.encoded] if self.bucket_by_length else None
-        self._train_sampler = EpochShuffleSampler(ds, self.seed, lengths, self.micro_batch_size,
-                                                  num_replicas=replicas, rank=rank)
-        self._train_sampler.set_epoch(ds.epoch)
-        return self._loader("train", self.micro_batch_size, self._train_sampler)
-
-    def val_dataloader(self) -> DataLoader:
-        return self._loader("valid", self.eval_batch_size)
-
-    def test_dataloader(self) -> DataLoader:
-        return self._loader("test", self.eval_batch_size)

@@ -16,14 +16,13 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Mapping, Sequence
 
-import lightning as L
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset, Subset
+from torch.utils.data import Dataset
 
 from msl_rec.data.catalog import load_titles
-from msl_rec.data.datamodule import EpochShuffleSampler, row_count, sample_rows
-from msl_rec.data.io import Sample, dataset_file, read_samples
+from msl_rec.data.datamodule import SplitDataModule
+from msl_rec.data.io import Sample
 
 
 class TitleCatalog:
@@ -75,6 +74,7 @@ class SequenceDataset(Dataset):
 
     def __init__(self, samples: list[Sample], catalog: TitleCatalog, max_len: int):
         self.samples = samples
+        self.epoch = 0
         self.history = [catalog.indices(s.history[-max_len:]) for s in samples]
         self.targets = catalog.indices([s.target for s in samples])
 
@@ -82,7 +82,8 @@ class SequenceDataset(Dataset):
         return len(self.samples)
 
     def set_epoch(self, epoch: int) -> None:
-        """Nothing to redraw per epoch (the sampler calls it; BCE's negatives are drawn in the loss)."""
+        """The sampler's epoch (nothing to redraw: BCE's negatives are drawn in the loss)."""
+        self.epoch = int(epoch)
 
     def __getitem__(self, i: int) -> dict:
         s = self.samples[i]
@@ -106,65 +107,31 @@ class SequenceCollator:
                 "user_ids": torch.tensor([r["user_id"] for r in rows], dtype=torch.long)}
 
 
-class SequenceDataModule(L.LightningDataModule):
-    """Train/valid/test loaders of item-index sequences over the BIGRec CSVs (the LLM runs' rows).
+class SequenceDataModule(SplitDataModule):
+    """Train/valid/test loaders of item-index sequences over the BIGRec CSVs (the LLM runs' rows): the same
+    row selection, seeded train order and evaluation interface as the LLM's
+    (:class:`~msl_rec.data.datamodule.SplitDataModule`); ``prompt_preamble`` None (no prompt)."""
 
-    The same selection keys as :class:`~msl_rec.data.datamodule.RecDataModule` (``train_subset``, ``sample``,
-    ``valid_subset``, ``test_subset``), the same seeded epoch shuffle (:class:`EpochShuffleSampler`, DDP-aware,
-    resumable mid-epoch) and the same evaluation interface (``eval_samples``, ``eval_lengths``,
-    ``eval_dataloader``, ``train_targets``, ``prompt_preamble`` = None).
-    """
+    prompt_preamble = None
 
     def __init__(self, dataset_cfg, catalog: TitleCatalog, max_len: int, micro_batch_size: int = 256,
                  eval_batch_size: int = 256, train_subset: int | None = None, valid_subset: int | None = None,
                  test_subset: int | None = None, sample: int | None = None, seed: int = 0, num_workers: int = 0):
-        super().__init__()
-        if micro_batch_size < 1 or eval_batch_size < 1:
-            raise ValueError(f"data.micro_batch_size={micro_batch_size}, data.eval_batch_size={eval_batch_size}: "
-                             "both must be >= 1")
         if max_len < 1:
             raise ValueError(f"model.max_len={max_len}: must be >= 1 (history items a model reads)")
-        train_subset, valid_subset, test_subset, sample = (
-            row_count(f"data.{key}", value) for key, value in (("train_subset", train_subset),
-                                                              ("valid_subset", valid_subset),
-                                                              ("test_subset", test_subset), ("sample", sample)))
-        if sample is not None and train_subset is not None:
-            raise ValueError(f"data.sample={sample} and data.train_subset={train_subset} both select train rows; "
-                             "set one of them to null")
-        self.cfg, self.catalog, self.max_len = dataset_cfg, catalog, int(max_len)
-        self.micro_batch_size, self.eval_batch_size = micro_batch_size, eval_batch_size
-        self.subsets = {"train": train_subset, "valid": valid_subset, "test": test_subset}
-        self.sample, self.seed, self.num_workers = sample, seed, num_workers
-        self.collator = SequenceCollator(self.max_len, catalog.num_items)
-        self.datasets: dict[str, SequenceDataset] = {}
-        self.train_targets: list[int] = []
-        self._train_sampler: EpochShuffleSampler | None = None
-        self.epoch = 0
+        super().__init__(dataset_cfg, catalog, SequenceCollator(int(max_len), catalog.num_items), micro_batch_size,
+                         eval_batch_size, train_subset, valid_subset, test_subset, sample, seed, num_workers)
+        self.max_len = int(max_len)
 
-    prompt_preamble = None  # no prompt: nothing for an LLM runner to share
+    def make_dataset(self, split: str, samples: list[Sample]) -> SequenceDataset:
+        return SequenceDataset(samples, self.catalog, self.max_len)
 
-    def _load(self, split: str) -> SequenceDataset | None:
-        if split in self.datasets:
-            return self.datasets[split]
-        path = dataset_file(self.cfg, f"{split}_file")
-        if path is None:
-            return None
-        samples = read_samples(path, self.catalog.titles)
-        if self.subsets[split] is not None:
-            samples = samples[: self.subsets[split]]
-        if split == "train" and self.sample is not None:
-            samples = sample_rows(samples, self.sample, self.seed, path)
-        self.datasets[split] = SequenceDataset(samples, self.catalog, self.max_len)
-        return self.datasets[split]
+    def split_samples(self, split: str) -> list[Sample]:
+        return self.datasets[split].samples
 
-    def setup(self, stage: str | None = None) -> None:
-        if stage in (None, "fit"):
-            train = self._load("train")
-            self.train_targets = [s.target for s in train.samples] if train else []
-        if stage in (None, "fit", "validate"):
-            self._load("valid")
-        if stage in (None, "test"):
-            self._load("test")
+    def row_lengths(self, split: str) -> list[int]:
+        """History items read per row."""
+        return [len(h) for h in self.datasets[split].history]
 
     def train_item_counts(self) -> torch.Tensor:
         """(num_items,) float: how often each item is a training target (DROS's nominal distribution)."""
@@ -172,44 +139,3 @@ class SequenceDataModule(L.LightningDataModule):
         for t in self._require("train").targets:
             counts[t] += 1
         return counts
-
-    def _require(self, split: str) -> SequenceDataset:
-        ds = self._load(split)
-        if ds is None:
-            raise ValueError(f"dataset.{split}_file is null; no {split} rows")
-        return ds
-
-    # ---------------------------------------------------------------- the evaluation interface
-    def eval_samples(self, split: str) -> list[Sample]:
-        return self._require(split).samples
-
-    def eval_lengths(self, split: str) -> list[int]:
-        return [len(h) for h in self._require(split).history]
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = int(epoch)
-        if self._train_sampler is not None:
-            self._train_sampler.epoch = int(epoch)
-
-    def _loader(self, split: str, batch_size: int, sampler=None, rows: Sequence[int] | None = None) -> DataLoader:
-        ds = self._require(split)
-        return DataLoader(Subset(ds, rows) if rows is not None else ds, batch_size=batch_size, sampler=sampler,
-                          collate_fn=self.collator, num_workers=self.num_workers)
-
-    def eval_dataloader(self, split: str, rows: Sequence[int] | None = None) -> DataLoader:
-        return self._loader(split, self.eval_batch_size, rows=rows)
-
-    def train_dataloader(self) -> DataLoader:
-        ds = self._require("train")
-        trainer = self.trainer
-        replicas, rank = (trainer.world_size, trainer.global_rank) if trainer is not None else (1, 0)
-        self._train_sampler = EpochShuffleSampler(ds, self.seed, None, self.micro_batch_size,
-                                                  num_replicas=replicas, rank=rank)
-        self._train_sampler.set_epoch(self.epoch)
-        return self._loader("train", self.micro_batch_size, self._train_sampler)
-
-    def val_dataloader(self) -> DataLoader:
-        return self._loader("valid", self.eval_batch_size)
-
-    def test_dataloader(self) -> DataLoader:
-        return self._loader("test", self.eval_batch_size)
