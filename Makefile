@@ -30,7 +30,7 @@ test-full: install ## everything, including the slow real-model tests (SmolLM2, 
 lint: install ## ruff over the package, experiments and tests
 	$(PY) -m ruff check msl_rec experiments tests
 
-bench: install ## trie, loss, decoding, default-evaluation (before/now) and training benchmarks; prints ratios measured in one run
+bench: install ## trie, loss, decoding, default-evaluation (before/now), training and SASRec benchmarks; prints ratios measured in one run
 	$(PY) -m experiments.bench
 
 demo: install ## train MSL+ATS on SmolLM2 over a slice of Books; zero-shot vs trained vs popularity, same users
