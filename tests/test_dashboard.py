@@ -237,3 +237,10 @@ def test_a_sequential_run_gets_the_same_dashboard(tmp_path, monkeypatch):
     train(cfg)
     assert len(tables) == 1 and len(tables[0].data) == 2
     assert [row[2] for row in tables[0].data] == [s.user_id for s in read_samples(cfg.dataset.valid_file)[:2]]
+
+
+def test_a_sequential_run_is_named_by_its_method_not_a_backbone(tmp_path):
+    from msl_rec.utils.logging_utils import run_identity
+
+    identity = run_identity(compose("train.yaml", ["method=sasrec", "loss=dros", "seed=2", "logger=wandb"], tmp_path))
+    assert identity["name"] == "books/sasrec/dros/seed=2" and "smollm2_135m" not in identity["tags"]

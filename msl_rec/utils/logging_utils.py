@@ -106,7 +106,8 @@ def _unique(items: list[Any]) -> list[str]:
 def run_identity(cfg: DictConfig, job_type: str = "train") -> dict[str, Any]:
     """The wandb ``name``, ``group``, ``tags`` and ``job_type`` of a training run of ``cfg``.
 
-    name: ``<dataset>/<backbone>/<loss>[/<method>]`` + :func:`override_parts` (``seed=2`` included);
+    name: ``<dataset>/<backbone>/<loss>[/<method>]`` (a sequential method: ``<dataset>/<method>/<loss>``; the
+    default ``bigrec`` unnamed) + :func:`override_parts` (``seed=2`` included);
     group: the same without ``seed=``; tags: dataset, backbone, loss, decoder, method, the chosen
     ``experiment`` preset and ``cfg.tags``.
     """
@@ -114,8 +115,13 @@ def run_identity(cfg: DictConfig, job_type: str = "train") -> dict[str, Any]:
     overrides, groups = _hydra_overrides_and_choices()
     loss = LOSSES.get(OmegaConf.select(cfg, "loss._target_"), OmegaConf.select(cfg, "loss.name"))
     method = cfg.get("method")
+    kind = method.get("kind", "llm") if isinstance(method, DictConfig) else "llm"
     method = method.get("name") if isinstance(method, DictConfig) else method
-    parts = _unique([OmegaConf.select(cfg, "dataset.name"), OmegaConf.select(cfg, "backbone.name"), loss, method])
+    if kind == "sequential":  # no backbone: <dataset>/<method>/<loss>
+        parts = _unique([OmegaConf.select(cfg, "dataset.name"), method, loss])
+    else:  # the default LLM method (bigrec) is not named
+        parts = _unique([OmegaConf.select(cfg, "dataset.name"), OmegaConf.select(cfg, "backbone.name"), loss,
+                         None if method == "bigrec" else method])
     varying = override_parts(overrides, groups)
     tags = _unique([*parts, OmegaConf.select(cfg, "decoder.name"), groups.get("experiment"), *(cfg.get("tags") or [])])
     tags = [t[:MAX_TAG_LEN] for t in tags]
