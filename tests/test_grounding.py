@@ -88,8 +88,10 @@ def _brute_embedding(model, tokens, base: bool) -> torch.Tensor:
 
 
 @pytest.mark.parametrize("num_beams,length_penalty,early_stopping,cut_off",
-                         [(4, 1.0, False, True), (3, 0.0, "never", False), (5, 2.0, True, False),
-                          (2, -0.5, False, False), (6, 1.0, "never", True)])
+                         [(4, 1.0, False, True), (3, 0.0, "never", False),
+                          *(pytest.param(*p, marks=pytest.mark.slow) for p in [(5, 2.0, True, False),
+                                                                                 (2, -0.5, False, False),
+                                                                                 (6, 1.0, "never", True)])])
 def test_free_beam_search_equals_transformers_generate(tiny, num_beams, length_penalty, early_stopping, cut_off):
     """Every user's finished hypotheses (sequences, scores to 1e-4) equal ``generate(num_beams=K,
     num_return_sequences=K, do_sample=False)`` on the user's unpadded prompt, EOS-ended and cut-off ones."""

@@ -162,8 +162,8 @@ def test_sasrec_trains_validates_and_evaluates_like_a_brute_force_scorer(compose
     assert evaluated["ndcg@10"] == pytest.approx(float(np.mean(ndcgs)), abs=1e-12)
 
 
-@pytest.mark.parametrize("overrides", [("method=bert4rec",), ("method=sasrec", "loss=dros"),
-                                       ("method=sasrec", "loss=ce")])
+@pytest.mark.parametrize("overrides", [("method=bert4rec",), pytest.param(("method=sasrec", "loss=dros"), marks=pytest.mark.slow),
+                                       pytest.param(("method=sasrec", "loss=ce"), marks=pytest.mark.slow)])
 def test_each_sequential_method_trains_and_its_run_evaluates(compose_train, compose_eval, tmp_path, overrides):
     run = tmp_path / "run"
     _train_and_save(compose_train, run, *overrides, "data.train_subset=256", "trainer.max_epochs=1")
