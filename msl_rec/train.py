@@ -42,7 +42,6 @@ from omegaconf import DictConfig, OmegaConf
 
 from msl_rec.data.build import build_data, is_sequential
 from msl_rec.decoding import decoder_settings
-from msl_rec.losses import build_loss
 from msl_rec.models.checkpoint import read_checkpoint
 from msl_rec.training.methods import build_module, check_method
 from msl_rec.training.optim import optim_settings
@@ -147,7 +146,7 @@ def train(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
 
     sft_ckpt = OmegaConf.select(cfg, "sdpo.sft_ckpt")
     # S-DPO's negatives are built by the data module, so the loss's count is known before the data
-    num_negatives = 0 if is_sequential(cfg) else int(build_loss(plain(cfg.loss), plain(cfg.backbone)).num_negatives)
+    num_negatives = 0 if is_sequential(cfg) else int(cfg.loss.get("num_negatives") or 0)
     _, catalog, dm = build_data(cfg, num_negatives=num_negatives)
     module = build_module(cfg, catalog, sft_ckpt=sft_ckpt)
     if getattr(module.loss, "needs_reference", False) and not sft_ckpt:

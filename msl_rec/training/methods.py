@@ -17,25 +17,18 @@ from typing import Any
 from omegaconf import DictConfig
 
 from msl_rec.data.build import is_sequential
+from msl_rec.decoding import decoder_target
 from msl_rec.models.checkpoint import check_checkpoint_backbone
 from msl_rec.training.module import RecLitModule
 from msl_rec.training.sequential import SeqLitModule
 from msl_rec.utils.config import plain
-from msl_rec.utils.registry import DECODERS, LOSSES, SEQUENTIAL_LOSSES, SEQUENTIAL_MODELS
+from msl_rec.utils.registry import LOSSES, SEQUENTIAL_LOSSES, SEQUENTIAL_MODELS
 
 log = logging.getLogger(__name__)
 
 METHOD_KINDS = ("llm", "sequential")
 SEQUENTIAL_DECODERS = frozenset({"msl_rec.decoding.ItemScoreRanker"})
 MODEL_FREE_DECODERS = frozenset({"msl_rec.decoding.PopularityRanker", "msl_rec.decoding.RandomRanker"})
-
-
-def _decoder_target(cfg: DictConfig) -> str | None:
-    node = cfg.get("decoder")
-    if not node:
-        return None
-    target = node.get("_target_")
-    return target or next((t for t, names in DECODERS.items() if node.get("name") in names), None)
 
 
 def check_method(cfg: DictConfig, with_loss: bool = True) -> None:
@@ -46,7 +39,7 @@ def check_method(cfg: DictConfig, with_loss: bool = True) -> None:
     if kind not in METHOD_KINDS:
         raise ValueError(f"method.kind={kind!r}: one of {list(METHOD_KINDS)} (configs/method/{name}.yaml)")
     loss = (cfg.get("loss") or {}).get("_target_")
-    decoder = _decoder_target(cfg)
+    decoder = decoder_target(plain(cfg.decoder)) if cfg.get("decoder") else None
     model = (cfg.get("model") or {}).get("_target_")
     if kind == "sequential":
         if model not in SEQUENTIAL_MODELS:
