@@ -22,7 +22,8 @@ from torch.utils.data import Dataset
 
 from msl_rec.data.catalog import load_titles
 from msl_rec.data.datamodule import SplitDataModule
-from msl_rec.data.io import Sample
+from msl_rec.data.io import Sample, dataset_file
+from msl_rec.data.teacher import TeacherLists, load_teacher
 
 
 class TitleCatalog:
@@ -70,11 +71,13 @@ class TitleCatalog:
 
 
 class SequenceDataset(Dataset):
-    """One split's rows as ``(history indices, target index)``; item ``i`` is split row ``i``."""
+    """One split's rows as ``(history indices, target index)``; item ``i`` is split row ``i``.
+    ``teacher`` (DLLM2Rec, training rows only): each row also carries its teacher list."""
 
     def __init__(self, samples: list[Sample], catalog: TitleCatalog, max_len: int):
         self.samples = samples
         self.epoch = 0
+        self.teacher: TeacherLists | None = None
         self.history = [catalog.indices(s.history[-max_len:]) for s in samples]
         self.targets = catalog.indices([s.target for s in samples])
 
@@ -87,12 +90,14 @@ class SequenceDataset(Dataset):
 
     def __getitem__(self, i: int) -> dict:
         s = self.samples[i]
-        return {"history": self.history[i], "target": self.targets[i], "target_id": s.target, "user_id": s.user_id}
+        row = {"history": self.history[i], "target": self.targets[i], "target_id": s.target, "user_id": s.user_id}
+        return row if self.teacher is None else {**row, **self.teacher.row(i)}
 
 
 class SequenceCollator:
     """Rows -> ``history`` (B, max_len) right-padded with ``num_items``, ``lengths`` (B,), ``targets`` (B,)
-    indices, ``target_ids`` / ``user_ids`` (B,) as in the LLM batches."""
+    indices, ``target_ids`` / ``user_ids`` (B,) as in the LLM batches; rows with a teacher list also
+    ``teacher_items`` (B, W) int64 and ``teacher_distance`` (B, W) float32 (:class:`TeacherLists`)."""
 
     def __init__(self, max_len: int, padding_index: int):
         self.max_len, self.padding_index = max_len, padding_index
@@ -101,27 +106,49 @@ class SequenceCollator:
         history = torch.full((len(rows), self.max_len), self.padding_index, dtype=torch.long)
         for b, r in enumerate(rows):
             history[b, : len(r["history"])] = torch.tensor(r["history"], dtype=torch.long)
-        return {"history": history, "lengths": torch.tensor([len(r["history"]) for r in rows], dtype=torch.long),
-                "targets": torch.tensor([r["target"] for r in rows], dtype=torch.long),
-                "target_ids": torch.tensor([r["target_id"] for r in rows], dtype=torch.long),
-                "user_ids": torch.tensor([r["user_id"] for r in rows], dtype=torch.long)}
+        batch = {"history": history, "lengths": torch.tensor([len(r["history"]) for r in rows], dtype=torch.long),
+                 "targets": torch.tensor([r["target"] for r in rows], dtype=torch.long),
+                 "target_ids": torch.tensor([r["target_id"] for r in rows], dtype=torch.long),
+                 "user_ids": torch.tensor([r["user_id"] for r in rows], dtype=torch.long)}
+        for key in ("teacher_items", "teacher_distance"):
+            if key in rows[0]:
+                batch[key] = torch.stack([r[key] for r in rows])
+        return batch
 
 
 class SequenceDataModule(SplitDataModule):
     """Train/valid/test loaders of item-index sequences over the BIGRec CSVs (the LLM runs' rows): the same
     row selection, seeded train order and evaluation interface as the LLM's
-    (:class:`~msl_rec.data.datamodule.SplitDataModule`); ``prompt_preamble`` None (no prompt)."""
+    (:class:`~msl_rec.data.datamodule.SplitDataModule`); ``prompt_preamble`` None (no prompt).
+    ``teacher_run`` (DLLM2Rec): an LLM's ``msl-rec-eval split=train`` folder; :meth:`teacher_lists` joins its
+    lists to the training rows, whose batches then carry them."""
 
     prompt_preamble = None
 
     def __init__(self, dataset_cfg, catalog: TitleCatalog, max_len: int, micro_batch_size: int = 256,
                  eval_batch_size: int = 256, train_subset: int | None = None, valid_subset: int | None = None,
-                 test_subset: int | None = None, sample: int | None = None, seed: int = 0, num_workers: int = 0):
+                 test_subset: int | None = None, sample: int | None = None, seed: int = 0, num_workers: int = 0,
+                 teacher_run: str | None = None):
         if max_len < 1:
             raise ValueError(f"model.max_len={max_len}: must be >= 1 (history items a model reads)")
         super().__init__(dataset_cfg, catalog, SequenceCollator(int(max_len), catalog.num_items), micro_batch_size,
                          eval_batch_size, train_subset, valid_subset, test_subset, sample, seed, num_workers)
         self.max_len = int(max_len)
+        self.teacher_run = teacher_run
+
+    def teacher_lists(self) -> TeacherLists:
+        """The teacher's lists joined to the training rows (read once; then every training batch carries them).
+        Only when training (an evaluation of a DLLM2Rec run never reads its teacher)."""
+        train = self._require("train")
+        if train.teacher is None:
+            if not self.teacher_run:
+                raise ValueError("SequenceDataModule.teacher_lists: no method.teacher_run")
+            if self.sample is not None:
+                raise ValueError(f"data.sample={self.sample} draws random training rows, but the teacher's lists "
+                                 f"({self.teacher_run}) are joined by training-file row; use data.train_subset=N")
+            train.teacher = load_teacher(self.teacher_run, train.samples, self.catalog.index_of,
+                                         dataset_file(self.cfg, "train_file"), dataset_file(self.cfg, "item_file"))
+        return train.teacher
 
     def make_dataset(self, split: str, samples: list[Sample]) -> SequenceDataset:
         return SequenceDataset(samples, self.catalog, self.max_len)

@@ -185,10 +185,14 @@ def _typed_like(key: str, value: Any) -> Any:
 # ---------------------------------------------------------------------------- data, rows and batches
 def eval_data(cfg: DictConfig):
     """``(catalog, datamodule)`` set up for ``cfg.split`` (``subset=N``: its first N rows; popularity
-    also reads the training targets). Bad split, subset, top_k or decoder settings fail before loading."""
+    also reads the training targets). Bad split, subset, top_k or decoder settings fail before loading.
+    ``split=train`` ranks the training file's rows (a DLLM2Rec teacher's lists; row r = the file's row r)."""
     split = cfg.split
-    if split not in ("valid", "test"):
-        raise ValueError(f"split: {split!r} (valid, test)")
+    if split not in ("valid", "test", "train"):
+        raise ValueError(f"split: {split!r} (valid, test; train: the training rows, for a DLLM2Rec teacher)")
+    if split == "train" and cfg.data.get("sample") is not None:
+        raise ValueError(f"split=train with data.sample={cfg.data.sample}: random rows would not keep the training "
+                         "file's row numbers; use subset=N (its first N rows)")
     if cfg.get("subset") is not None:  # `subset=N` wins over a preset's data.<split>_subset
         if isinstance(cfg.subset, bool) or not isinstance(cfg.subset, int) or cfg.subset < 1:
             raise ValueError(f"subset={cfg.subset!r}: expected a whole number >= 1 (the first N {split} rows)")
@@ -196,7 +200,7 @@ def eval_data(cfg: DictConfig):
             cfg.data[f"{split}_subset"] = cfg.subset
     decoder_settings(cfg.decoder, cfg.top_k)
     _, catalog, dm = build_data(cfg)
-    dm.setup("validate" if split == "valid" else "test")
+    dm.setup({"valid": "validate", "test": "test", "train": "fit"}[split])
     if needs_train_targets(cfg.decoder):  # popularity counts the training targets, whatever the split
         if not cfg.dataset.get("train_file"):
             raise ValueError(f"decoder={cfg.decoder.name} needs dataset.train_file (it ranks by training targets)")

@@ -2,7 +2,8 @@
 
 ``LMLLoss`` (language modelling, the BIGRec baseline), ``MSLLoss`` (masked softmax over the trie's
 valid tokens), ``MSLATSLoss`` (MSL with adaptive temperature) and ``SDPOLoss`` (softmax DPO); the item-ID
-sequential models' ``BCELoss``, ``CELoss`` and ``DROSLoss`` (:mod:`msl_rec.losses.sequential`).
+sequential models' ``BCELoss``, ``CELoss`` and ``DROSLoss`` (:mod:`msl_rec.losses.sequential`) and
+DLLM2Rec's distillation from an LLM teacher, ``DLLM2RecLoss`` (:mod:`msl_rec.losses.distill`).
 The pure functions behind them are in :mod:`msl_rec.losses.functional`; :func:`build_loss` builds
 one from its ``configs/loss`` node.
 """
@@ -16,6 +17,7 @@ from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 
 from msl_rec.losses.base import RecLoss, ResponseBatch
+from msl_rec.losses.distill import DLLM2RecLoss
 from msl_rec.losses.lml import LMLLoss
 from msl_rec.losses.msl import MSLATSLoss, MSLLoss
 from msl_rec.losses.sdpo import SDPOLoss
@@ -23,8 +25,8 @@ from msl_rec.losses.sequential import BCELoss, CELoss, DROSLoss
 from msl_rec.utils.config import plain
 from msl_rec.utils.registry import LOSSES, ConfigSecurityError, check_targets
 
-__all__ = ["BCELoss", "CELoss", "DROSLoss", "LMLLoss", "MSLATSLoss", "MSLLoss", "RecLoss", "ResponseBatch", "SDPOLoss",
-           "build_loss", "loss_settings"]
+__all__ = ["BCELoss", "CELoss", "DLLM2RecLoss", "DROSLoss", "LMLLoss", "MSLATSLoss", "MSLLoss", "RecLoss",
+           "ResponseBatch", "SDPOLoss", "build_loss", "loss_settings"]
 
 
 def loss_settings(loss_cfg: Mapping[str, Any], backbone_cfg: Mapping[str, Any] | None = None) -> dict[str, Any]:

@@ -18,6 +18,7 @@ from typing import Any
 import torch
 from hydra.utils import instantiate
 
+from msl_rec.data.teacher import check_teacher_pairing
 from msl_rec.losses import build_loss
 from msl_rec.models import checkpoint as ckpt_state
 from msl_rec.training.base import RankingModule
@@ -45,7 +46,8 @@ class SeqLitModule(RankingModule):
 
     Args:
         model: the ``model`` node (``_target_`` SASRec / BERT4Rec + its settings).
-        loss: a sequential ``configs/loss`` node (ce, bce, dros).
+        loss: a sequential ``configs/loss`` node (ce, bce, dros; dllm2rec: distilled from the data module's
+            teacher lists, ``method.teacher_run``).
         num_items: the catalog's item count; catalog_sha256: its :attr:`~msl_rec.data.sequences.TitleCatalog.fingerprint`
             (what the model's item indices mean).
         optim, decoder, top_k, scoring: as :class:`~msl_rec.training.module.RecLitModule`.
@@ -58,7 +60,7 @@ class SeqLitModule(RankingModule):
         target = plain(loss).get("_target_")
         if target not in SEQUENTIAL_LOSSES:
             raise ValueError(f"loss._target_={target!r} is an LLM loss; a sequential model (model._target_="
-                             f"{plain(model).get('_target_')}) trains with loss=bce, ce or dros")
+                             f"{plain(model).get('_target_')}) trains with loss=bce, ce, dros or dllm2rec")
         self.save_hyperparameters({"model": plain(model), "loss": plain(loss), "optim": plain(optim) or {},
                                    "decoder": plain(decoder), "top_k": list(top_k), "scoring": plain(scoring),
                                    "num_items": int(num_items), "catalog_sha256": str(catalog_sha256)})
@@ -95,6 +97,23 @@ class SeqLitModule(RankingModule):
         if stage == "fit" and hasattr(self.loss, "set_item_counts"):
             # DROS's nominal distribution: the training targets' item counts (recomputed at every start)
             self.loss.set_item_counts(dm.train_item_counts())
+        if stage == "fit":
+            self.join_teacher(dm)
+
+    def join_teacher(self, dm) -> None:
+        """DLLM2Rec: a loss that reads a teacher gets the data module's lists in every training batch (joined
+        here, before the first step); a teacher without such a loss, or such a loss without one, is an error."""
+        needs = bool(getattr(self.loss, "needs_teacher", False))
+        teacher_run = getattr(dm, "teacher_run", None)
+        check_teacher_pairing(needs, teacher_run, f"loss._target_={self.hparams.loss.get('_target_')}")
+        if not needs:
+            return
+        teacher = dm.teacher_lists()
+        length, row = teacher.shortest()
+        if length < self.loss.candidate_topk:
+            raise ValueError(f"{teacher.source}: training row {row} has a list of {length} items, fewer than "
+                             f"loss.candidate_topk={self.loss.candidate_topk}; lower loss.candidate_topk or rank "
+                             "more items with the teacher (decoder.num_beams)")
 
     def forward(self, history: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
         """(B, num_items) scores of every item after each history."""
@@ -102,7 +121,10 @@ class SeqLitModule(RankingModule):
 
     def training_step(self, batch: Mapping[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
         scores, targets = self.model.train_scores(batch)
-        loss, metrics = self.loss(scores, targets)
+        if getattr(self.loss, "needs_teacher", False):  # DLLM2Rec: each row's teacher list (join_teacher)
+            loss, metrics = self.loss(scores, targets, batch["teacher_items"], batch["teacher_distance"])
+        else:
+            loss, metrics = self.loss(scores, targets)
         bs = int(batch["targets"].shape[0])
         self.log("train/loss", loss.detach(), on_step=True, on_epoch=True, prog_bar=True, batch_size=bs)
         for k, v in (metrics or {}).items():

@@ -26,10 +26,12 @@ LOSSES = {
     "msl_rec.losses.CELoss": "ce",
     "msl_rec.losses.BCELoss": "bce",
     "msl_rec.losses.DROSLoss": "dros",
+    "msl_rec.losses.DLLM2RecLoss": "dllm2rec",
 }
 """Loss ``_target_`` -> its ``configs/loss`` name (also how runs are named and grouped)."""
 
-SEQUENTIAL_LOSSES = frozenset({"msl_rec.losses.CELoss", "msl_rec.losses.BCELoss", "msl_rec.losses.DROSLoss"})
+SEQUENTIAL_LOSSES = frozenset({"msl_rec.losses.CELoss", "msl_rec.losses.BCELoss", "msl_rec.losses.DROSLoss",
+                               "msl_rec.losses.DLLM2RecLoss"})
 """The losses of the item-ID sequential models (``method=sasrec|bert4rec``); the others train an LLM."""
 
 SEQUENTIAL_MODELS = {"msl_rec.models.SASRec": "sasrec", "msl_rec.models.BERT4Rec": "bert4rec"}
