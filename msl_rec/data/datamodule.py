@@ -408,6 +408,7 @@ class RecDataModule(SplitDataModule):
         sample: keep N >= 1 rows of the train file drawn at random with ``seed`` (the paper's
             ``--sample 10000``), in file order; None keeps all. Not together with ``train_subset``.
         bucket_by_length: group train micro-batches by length (see :class:`EpochShuffleSampler`).
+        builder: the prompt builder (a hybrid method's :class:`SlotPromptBuilder`); None: BIGRec's prompt.
         num_negatives: negatives per train sample (0: no ``neg_*`` keys). Valid/test carry none.
         fixed_negatives: draw epoch 0's negatives every epoch.
         seed: seeds the train shuffle and the negatives.
@@ -420,7 +421,8 @@ class RecDataModule(SplitDataModule):
     def __init__(self, dataset_cfg, tokenizer, catalog: ItemCatalog, micro_batch_size: int = 4,
                  eval_batch_size: int = 8, train_subset: int | None = None, valid_subset: int | None = None,
                  test_subset: int | None = None, num_negatives: int = 0, fixed_negatives: bool = False,
-                 seed: int = 0, num_workers: int = 0, sample: int | None = None, bucket_by_length: bool = True):
+                 seed: int = 0, num_workers: int = 0, sample: int | None = None, bucket_by_length: bool = True,
+                 builder: PromptBuilder | None = None):
         if num_negatives < 0:
             raise ValueError(f"num_negatives must be >= 0 (got {num_negatives})")
         super().__init__(dataset_cfg, catalog, Collator(catalog, pad_id_of(tokenizer, catalog)), micro_batch_size,
@@ -429,7 +431,8 @@ class RecDataModule(SplitDataModule):
         self.bucket_by_length = bool(bucket_by_length)
         self.num_negatives = num_negatives
         self.fixed_negatives = fixed_negatives
-        self.builder = PromptBuilder.from_config(dataset_cfg, tokenizer, catalog.titles)
+        # a hybrid method's builder writes slot ids too (SlotPromptBuilder); BIGRec's by default
+        self.builder = builder or PromptBuilder.from_config(dataset_cfg, tokenizer, catalog.titles)
 
     def make_dataset(self, split: str, samples: list[Sample]) -> RecDataset:
         negs = self.num_negatives if split == "train" else 0

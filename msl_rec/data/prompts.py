@@ -127,3 +127,73 @@ class PromptBuilder:
         if lost == len(histories):
             raise DataError(msg)
         warnings.warn(msg, stacklevel=3)
+
+
+SLOT_OPEN, SLOT_CLOSE = "\ue000", "\ue001"  # private-use characters around a slot index in a prompt's text
+
+
+class SlotPromptBuilder(PromptBuilder):
+    """A hybrid method's prompt (LLaRA, A-LLMRec): each history title followed by its item's slot id, and
+    (``user_slot``) a leading user slot and ``user_text`` before the history (A-LLMRec's "[user] is a user
+    representation."). Slot ids are ``slot_base + index`` (:mod:`msl_rec.models.hybrid` embeds them):
+    ``index_of[item]`` for an item, ``num_items`` for the user. Text pieces between slots are tokenised on their
+    own (the first with the tokenizer's special tokens), so the text-only tokens are the same with or without
+    slot embeddings.
+
+    Args (beside :class:`PromptBuilder`'s): slot_base: the first slot id (the tokenizer's size); index_of: item
+    id -> the encoder's item index; item_slots / user_slot / user_text: ``method.prompt``.
+    """
+
+    def __init__(self, tokenizer, titles: Mapping[int, str], instruction: str, input_prefix: str, cutoff_len: int,
+                 slot_base: int, index_of: Mapping[int, int], item_slots: bool = True, user_slot: bool = False,
+                 user_text: str = " is a user representation. ", template: str = ALPACA_TEMPLATE):
+        super().__init__(tokenizer, titles, instruction, input_prefix, cutoff_len, template)
+        marked = [i for i, t in titles.items() if SLOT_OPEN in t or SLOT_CLOSE in t]
+        if marked:
+            raise DataError(f"item {marked[0]}: its title holds U+E000/U+E001, which hybrid prompts use to mark slots")
+        missing = [i for i in titles if i not in index_of]
+        if missing:
+            raise DataError(f"item {missing[0]} (and {len(missing) - 1} more) has no index in the encoder's catalog")
+        self.slot_base, self.index_of = int(slot_base), dict(index_of)
+        self.user_index = len(self.index_of)
+        self.item_slots, self.user_slot, self.user_text = bool(item_slots), bool(user_slot), user_text
+
+    @classmethod
+    def from_config(cls, dataset_cfg, tokenizer, titles: Mapping[int, str], slot_base: int = 0,
+                    index_of: Mapping[int, int] | None = None, **slots) -> SlotPromptBuilder:
+        get = dataset_cfg.get if hasattr(dataset_cfg, "get") else (lambda k, d=None: getattr(dataset_cfg, k, d))
+        return cls(tokenizer, titles, get("instruction"), get("input_prefix"), int(get("cutoff_len", 512)),
+                   slot_base, index_of or {}, **slots)
+
+    @staticmethod
+    def _mark(index: int) -> str:
+        return f"{SLOT_OPEN}{index}{SLOT_CLOSE}"
+
+    def _text_of(self, pairs: Sequence[tuple[str, int]]) -> str:
+        """The prompt text of (title, item id) pairs, slots marked."""
+        items = ", ".join(f'"{t}" {self._mark(self.index_of[i])}' if self.item_slots else f'"{t}"' for t, i in pairs)
+        user = self._mark(self.user_index) + self.user_text if self.user_slot else ""
+        return self.template.format(instruction=self.instruction, input=user + self.input_prefix + items + INPUT_SUFFIX)
+
+    def text(self, history: Sequence[int]) -> str:
+        return self._text_of([(self.titles[i], i) for i in history])
+
+    def preamble_ids(self) -> list[int]:
+        """The ids every prompt starts with, up to the first slot (a slot's embedding is per user)."""
+        item = next(iter(self.index_of))
+        a, b = self._encode([self._text_of([(t, item)]) for t in ("A", "z")])
+        n = next((i for i, (x, y) in enumerate(zip(a, b)) if x != y or x >= self.slot_base), min(len(a), len(b)))
+        return a[:n]
+
+    def _encode(self, texts: list[str], add_special_tokens: bool = True) -> list[list[int]]:
+        out = []
+        for text in texts:
+            pieces = text.split(SLOT_OPEN)
+            ids = list(self.tokenizer([pieces[0]], add_special_tokens=add_special_tokens)["input_ids"][0])
+            for piece in pieces[1:]:
+                index, rest = piece.split(SLOT_CLOSE, 1)
+                ids.append(self.slot_base + int(index))
+                if rest:
+                    ids.extend(self.tokenizer([rest], add_special_tokens=False)["input_ids"][0])
+            out.append(ids)
+        return out

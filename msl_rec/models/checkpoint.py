@@ -1,6 +1,7 @@
 """What a RecLitModule checkpoint holds besides Lightning's trainer state, and how it is read.
 
-- **Adapter state**: the trainable (LoRA) parameters and the loss's parameters and buffers (e.g.
+- **Adapter state**: the trainable (LoRA) parameters (and a hybrid method's slot parts, frozen or not) and the
+  loss's parameters and buffers (e.g.
   MSL-ATS's EMA of tau), under *canonical* names (:func:`canonical_key`): ``model.<peft name>`` and
   ``loss.<name>``, the same with no strategy, DDP and FSDP. It is built from the trainable
   parameters themselves (:func:`adapter_state_dict`), never by filtering a full state dict, so the
@@ -38,6 +39,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+
+from msl_rec.models.hybrid import KEEP_ATTR
 
 
 class CheckpointError(ValueError):
@@ -94,6 +97,12 @@ def _full(p: torch.Tensor) -> torch.Tensor:
     return p.detach().to("cpu", copy=True)
 
 
+def saved_parameter(p: torch.Tensor) -> bool:
+    """Whether a checkpoint holds ``p``: trainable, or a method's frozen state (a hybrid method's slot parts,
+    :data:`~msl_rec.models.hybrid.KEEP_ATTR`)."""
+    return p.requires_grad or bool(getattr(p, KEEP_ATTR, False))
+
+
 def _trainable(model: nn.Module, prefix: str) -> dict[str, torch.Tensor]:
     """Canonical name -> full CPU tensor of every trainable parameter of ``model``.
 
@@ -106,7 +115,7 @@ def _trainable(model: nn.Module, prefix: str) -> dict[str, torch.Tensor]:
     units = FSDP.fsdp_modules(model)
     if not units:
         for name, p in model.named_parameters():
-            if p.requires_grad:
+            if saved_parameter(p):
                 out[canonical_key(prefix + name)] = _full(p)
         return out
     owner = {}  # parameter id -> its innermost FSDP unit
@@ -115,12 +124,12 @@ def _trainable(model: nn.Module, prefix: str) -> dict[str, torch.Tensor]:
             owner[id(p)] = unit
     names = {id(p): n for n, p in model.named_parameters()}
     for unit in units:
-        mine = [p for p in unit.parameters() if p.requires_grad and owner[id(p)] is unit]
+        mine = [p for p in unit.parameters() if saved_parameter(p) and owner[id(p)] is unit]
         if not mine:
             continue
         with FSDP.summon_full_params(unit, recurse=False, writeback=False):
             for p in unit.parameters():
-                if p.requires_grad and owner[id(p)] is unit:
+                if saved_parameter(p) and owner[id(p)] is unit:
                     out[canonical_key(prefix + names[id(p)])] = p.detach().to("cpu", copy=True)
     return out
 
@@ -138,7 +147,7 @@ def load_adapter_state_dict(module: nn.Module, state: Mapping[str, torch.Tensor]
     """Copy a saved adapter state into ``module`` (built, not wrapped). Keys are compared after
     :func:`canonical_key`; a missing, unexpected or misshapen key is a :class:`CheckpointError`."""
     state = {canonical_key(k): v for k, v in state.items()}
-    targets = {canonical_key("model." + n): p for n, p in module.model.named_parameters() if p.requires_grad}
+    targets = {canonical_key("model." + n): p for n, p in module.model.named_parameters() if saved_parameter(p)}
     targets.update({canonical_key("loss." + n): t for n, t in
                     list(module.loss.named_parameters()) + list(module.loss.named_buffers())})
     missing = sorted(set(targets) - set(state))

@@ -47,6 +47,7 @@ from transformers import DynamicCache
 
 from msl_rec.losses.functional import masked_logsumexp, sequence_logps
 from msl_rec.models import prefix_attention
+from msl_rec.models.hybrid import SLOT_PARTS
 from msl_rec.utils.precision import autocast_off, eval_dtype, weights_version
 
 log = logging.getLogger(__name__)
@@ -157,7 +158,7 @@ def embedding_fingerprint(body: nn.Module, texts: tuple, batch_size: int, base: 
     for t in texts:
         h.update(np.asarray(t, dtype=np.int64).tobytes())
     for name, tensor in [*body.named_parameters(), *body.named_buffers()]:
-        if base and "lora_" in name:
+        if (base and "lora_" in name) or f".{SLOT_PARTS}." in name:  # texts hold no slots
             continue
         h.update(f"{name}:{tensor.dtype}:{tuple(tensor.shape)}".encode())
         h.update(tensor.detach().contiguous().cpu().view(torch.uint8).numpy().tobytes())
@@ -192,10 +193,12 @@ def _write_embeddings(path: Path, out: torch.Tensor) -> None:
 
 
 def backbone_version(model: nn.Module) -> tuple:
-    """:func:`weights_version` of the backbone's own weights (every parameter but the LoRA adapter's):
-    what the model computes with its adapter switched off, unchanged by training the adapter."""
+    """:func:`weights_version` of the backbone's own weights (every parameter but the LoRA adapter's and a
+    hybrid method's slot parts): what the model computes on plain text with its adapter switched off,
+    unchanged by training the adapter or the slot projectors."""
     return (id(model), model.training,
-            tuple((id(p), p._version) for n, p in model.named_parameters() if "lora_" not in n))
+            tuple((id(p), p._version) for n, p in model.named_parameters()
+                  if "lora_" not in n and f".{SLOT_PARTS}." not in n))
 
 
 # ---------------------------------------------------------------------------- prompts

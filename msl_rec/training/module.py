@@ -32,7 +32,9 @@ from msl_rec.losses.sdpo import merge_negatives, reference_logps
 from msl_rec.models import checkpoint as ckpt_state
 from msl_rec.models.backbone import build_backbone
 from msl_rec.models.fsdp_utils import DecodingCopy, is_fsdp
+from msl_rec.models.hybrid import SlotEmbedding, find_slots, hybrid_step, install_slots
 from msl_rec.models.inference import hidden_states, output_weight
+from msl_rec.training import hybrid
 from msl_rec.training.base import RankingModule
 from msl_rec.training.optim import build_lr_schedule, build_optimizer
 from msl_rec.training.throughput import TrainThroughput
@@ -52,6 +54,7 @@ class RecLitModule(RankingModule):
         top_k: tuple[int, ...] | list[int] = (1, 5, 10),
         sft_ckpt: str | None = None,
         scoring: Mapping[str, Any] | None = None,
+        method: Mapping[str, Any] | None = None,
     ):
         """
         Args:
@@ -63,6 +66,8 @@ class RecLitModule(RankingModule):
             top_k: cut-offs for the validation metrics.
             scoring: the top-level ``scoring:`` node (``target_logp``, ``num_negatives`` (0: no sampled
                 rank), ``seed``, ``chunk_size``): the same signals as ``msl-rec-eval``'s.
+            method: the ``method`` node (+ its encoder record) of a hybrid method (LLaRA, A-LLMRec): the
+                backbone's input embedding reads encoder slots (:mod:`msl_rec.training.hybrid`); None: BIGRec.
             sft_ckpt: a checkpoint whose LoRA adapter is merged into the base before the fresh
                 adapter is attached (S-DPO starts from it; the reference is the adapter disabled).
         """
@@ -70,10 +75,11 @@ class RecLitModule(RankingModule):
         self.save_hyperparameters({"backbone": plain(backbone), "loss": plain(loss),
                                    "optim": plain(optim) or {}, "decoder": plain(decoder),
                                    "top_k": list(top_k), "sft_ckpt": str(sft_ckpt) if sft_ckpt else None,
-                                   "scoring": plain(scoring)})
+                                   "scoring": plain(scoring), "method": plain(method)})
         self.loss = build_loss(self.hparams.loss, self.hparams.backbone)  # stats_at: null -> the backbone's
         self.model = None  # built in configure_model
         self._decoding_copy = None  # FSDP: a rank-local unsharded backbone for decoding (fsdp_utils)
+        self._aligned = False  # A-LLMRec: stage 1 done (or loaded from a checkpoint)
 
     @classmethod
     def load_from_checkpoint(cls, checkpoint_path, map_location: Any = "cpu", **kwargs) -> RecLitModule:
@@ -99,6 +105,18 @@ class RecLitModule(RankingModule):
         if sft:
             log.info("merged the SFT adapter of %s (%d LoRA tensors) into the base model "
                      "(reference = adapter disabled)", sft, len(merge))
+        method = self.hparams.get("method") or {}
+        if method.get("kind") == "hybrid":
+            slots = install_slots(self.model, hybrid.load_encoder(method), int(method["slot_base"]), method["name"],
+                                  latent=int((method.get("stage1") or {}).get("latent", 128)))
+            if sft:
+                hybrid.load_sft_slots(slots, sft, method)
+                self._aligned = True
+
+    @property
+    def slots(self) -> SlotEmbedding | None:
+        """A hybrid method's slot embedding inside the backbone (None: BIGRec)."""
+        return find_slots(self.model) if self.model is not None else None
 
     def configure_callbacks(self):
         return [TrainThroughput()]
@@ -116,12 +134,21 @@ class RecLitModule(RankingModule):
         if self.model is None:
             self.configure_model()
         ckpt_state.load_adapter_state_dict(self, state_dict)
+        self._aligned = True  # a checkpoint of a hybrid run holds its stage-1 aligner
         return torch.nn.modules.module._IncompatibleKeys([], [])
 
     def on_fit_start(self) -> None:
         # from_pretrained hands the backbone over in eval mode and Lightning (>= 2.2) keeps each module's
         # mode: train mode here, so LoRA dropout (0.05) is on while training, as under HF's Trainer
         self.train()
+        method = self.hparams.get("method") or {}
+        if self.slots is not None and method.get("name") == "allmrec" and not self._aligned:
+            self.eval()
+            dm = self.trainer.datamodule
+            stage1 = method.get("stage1") or {}
+            hybrid.run_stage1(self.slots, self.model, dm, stage1, stage1.get("embedding_cache"))
+            self._aligned = True
+            self.train()
 
     # ------------------------------------------------------------------ forward
     def hidden_states(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
@@ -191,7 +218,24 @@ class RecLitModule(RankingModule):
                 "num_valid": (rb.valid_ids >= 0).sum(1)}
 
     # ------------------------------------------------------------------ steps
+    def _curriculum(self, batch_idx: int) -> bool | None:
+        """LLaRA: whether this micro-batch reads the encoder slots (None: no curriculum)."""
+        method = self.hparams.get("method") or {}
+        cur = method.get("curriculum") or {}
+        if self.slots is None or not cur.get("enabled", False):
+            return None
+        accumulate = max(int(getattr(self.trainer, "accumulate_grad_batches", 1)), 1)
+        try:
+            total = int(self.trainer.estimated_stepping_batches)
+        except (RuntimeError, OverflowError):
+            total = 0
+        return hybrid_step(int(cur.get("seed", 0)), int(self.global_step), batch_idx % accumulate, total)
+
     def training_step(self, batch: Mapping[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        use_items = self._curriculum(batch_idx)
+        if use_items is not None:  # until the batch ends (after backward: a recomputed forward reads the same)
+            self.slots.use_items = use_items
+            self.log("train/hybrid", float(use_items), on_step=True, on_epoch=False)
         rb = self.response_batch(batch)
         loss, metrics = self.loss(rb)
         bs = int(batch["input_ids"].shape[0])
@@ -202,6 +246,10 @@ class RecLitModule(RankingModule):
             # the temperature in use beside the loss in the terminal's progress bar (ATS moves it)
             self.log(f"train/{k}", float(v), on_step=True, on_epoch=False, batch_size=bs, prog_bar=k == "tau")
         return loss
+
+    def on_train_batch_end(self, outputs, batch, batch_idx: int) -> None:
+        if self.slots is not None:
+            self.slots.use_items = True  # validation and evaluation always read the slots
 
     def on_before_optimizer_step(self, optimizer) -> None:
         # once per optimizer step, whatever the gradient accumulation: per-step loss state (ATS)

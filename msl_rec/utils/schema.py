@@ -198,6 +198,23 @@ class DROSLossConfig:
 
 
 @dataclass
+class DLLM2RecLossConfig:
+    """DLLM2Rec (Cui et al. 2024): the base loss (BCE; + alpha x DROS) + lam x importance-aware ranking
+    distillation from an LLM teacher's lists (``method.teacher_run``); released defaults but ``alpha``."""
+
+    _target_: str = "msl_rec.losses.DLLM2RecLoss"
+    lam: float = 0.8
+    candidate_topk: int = 10
+    gamma_position: float = 0.3
+    gamma_confidence: float = 0.5
+    gamma_consistency: float = 0.1
+    alpha: float = 0.0
+    beta: float = 1.0
+    power: float = 0.05
+    num_negatives: int = 1
+
+
+@dataclass
 class ItemScoresDecoderConfig:
     """``configs/decoder/item_scores.yaml``: every catalog entry ranked by a sequential model's scores."""
 
@@ -234,16 +251,54 @@ class BERT4RecConfig:
 
 
 @dataclass
+class SlotPromptConfig:
+    """``method.prompt`` of a hybrid method: which embedding slots the prompt carries (models/hybrid.py)."""
+
+    item_slots: bool = True  # a slot after each history title: the item's projected encoder embedding
+    user_slot: bool = False  # A-LLMRec: a leading slot for the encoder's user representation
+    user_text: str = " is a user representation. "  # A-LLMRec's words after the user slot
+
+
+@dataclass
+class CurriculumConfig:
+    """``method.curriculum`` (LLaRA): the share of hybrid prompts grows from 0 to 1 over the run; the other
+    steps fill the slots with a fixed placeholder embedding (LLaRA's ``[PH]``)."""
+
+    enabled: bool = True
+    seed: int = 0  # which micro-batches are hybrid: a function of (seed, step), so a resumed run draws the same
+
+
+@dataclass
+class Stage1Config:
+    """``method.stage1`` (A-LLMRec): aligning the frozen encoder's item embeddings with title text embeddings."""
+
+    epochs: int = 10
+    lr: float = 1.0e-4
+    batch_size: int = 32
+    latent: int = 128  # the aligned space (A-LLMRec's two_layer_mlp width)
+    seed: int = 0
+    embedding_cache: str | None = None  # where the titles' text embeddings are kept (null: per process)
+
+
+@dataclass
 class MethodConfig:
     """``configs/method/*.yaml``: which recommender a run trains. ``kind`` llm: a backbone x loss x decoder
-    (BIGRec); sequential: an item-ID ``model`` with its own loss, ranked by ``decoder=item_scores``."""
+    (BIGRec); sequential: an item-ID ``model`` with its own loss, ranked by ``decoder=item_scores``; hybrid: an
+    LLM whose prompt carries a frozen sequential encoder's embeddings (LLaRA, A-LLMRec)."""
 
     name: str = "bigrec"
-    kind: str = "llm"  # llm | sequential
+    kind: str = "llm"  # llm | sequential | hybrid
+    encoder_run: str | None = None  # hybrid: a method=sasrec run folder or its .ckpt
+    encoder_sha256: str | None = None  # hybrid: filled in by the run (the encoder checkpoint's content)
+    teacher_run: str | None = None  # dllm2rec: an LLM evaluation folder whose predictions.jsonl teach
+    prompt: SlotPromptConfig | None = None  # hybrid
+    curriculum: CurriculumConfig | None = None  # llara
+    stage1: Stage1Config | None = None  # allmrec
 
 
 LOSS_SCHEMAS = {"lml": LMLLossConfig, "msl": MSLLossConfig, "msl_ats": MSLATSLossConfig, "sdpo": SDPOLossConfig,
-                "ce": CELossConfig, "bce": BCELossConfig, "dros": DROSLossConfig}
+                "ce": CELossConfig, "bce": BCELossConfig, "dros": DROSLossConfig,
+                "dllm2rec": DLLM2RecLossConfig}
 """``configs/loss/<name>.yaml`` -> its schema (ConfigStore ``loss/schema_<name>``)."""
 
 DECODER_SCHEMAS = {"beam": BeamDecoderConfig, "popularity": PopularityDecoderConfig, "random": RandomDecoderConfig,
