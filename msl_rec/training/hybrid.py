@@ -71,7 +71,8 @@ def load_encoder(method: Mapping[str, Any]) -> torch.nn.Module:
                          "(`msl-rec-train method=sasrec`)")
     if enc.hparams.get("catalog_sha256") != method.get("catalog_sha256"):
         raise ckpt_state.CheckpointError(f"method={name}: encoder {path} was trained on another item catalog than "
-                                         "this dataset's: its item indices are not this prompt's slot ids")
+                                         "this dataset's (its item indices are not this prompt's slot ids); pass "
+                                         "method.encoder_run=<a `msl-rec-train method=sasrec` run on this dataset>")
     model = enc.model.eval()
     model.requires_grad_(False)
     return model
