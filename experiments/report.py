@@ -138,6 +138,7 @@ def overrides_of(run: Path) -> list[str]:
 
 
 SEQUENTIAL_LABELS = {"sasrec": ("SASRec", "BCELoss"), "bert4rec": ("BERT4Rec", "CELoss")}  # name, default loss
+HYBRID_LABELS = {"llara": "LLaRA", "allmrec": "A-LLMRec"}  # Table 5's names of the other LLM methods
 SEQUENTIAL_LOSS_LABELS = {"BCELoss": " (BCE)", "CELoss": " (CE)", "DROSLoss": "+DROS"}
 
 
@@ -158,7 +159,8 @@ def run_label(cfg: dict) -> str:
         label += f" (tau={float(tau):g})"
     if loss.get("alpha_mode"):
         label += " + alpha"
-    return label
+    method = str((cfg.get("method") or {}).get("name") or "bigrec")
+    return label if method == "bigrec" else f"{HYBRID_LABELS.get(method, method)}+{label}"  # LLaRA+MSL
 
 
 def load_run(run: Path) -> dict:

@@ -256,3 +256,15 @@ def test_report_puts_sequential_models_beside_the_llm_runs(tmp_path):
     assert "| SASRec+DROS | 1 | 10 |" in ctx and "| BERT4Rec | 1 | 10 |" in ctx and "| LML | 1 | 10 |" in ctx
     paired = section(text, "## Paired comparison with popularity (same users): C1")
     assert "| SASRec+DROS | ndcg@10 | 10 |" in paired and "| BERT4Rec | hr@10 | 10 |" in paired
+
+
+def test_report_labels_hybrid_runs_by_method_and_loss():
+    """LLaRA / A-LLMRec runs are Table 5's "LLaRA+MSL", "A-LLMRec+LML" (old: "MSL", "LML", the same labels as
+    BIGRec's runs, so a report of both mixed them up); BIGRec's runs keep their loss label."""
+    from experiments.report import run_label
+
+    msl, lml = {"_target_": "msl_rec.losses.MSLLoss", "tau": 1.0}, {"_target_": "msl_rec.losses.LMLLoss"}
+    assert run_label({"loss": msl, "method": {"name": "llara", "kind": "hybrid"}}) == "LLaRA+MSL"
+    assert run_label({"loss": lml, "method": {"name": "allmrec", "kind": "hybrid"}}) == "A-LLMRec+LML"
+    assert run_label({"loss": msl, "method": {"name": "bigrec", "kind": "llm"}}) == "MSL"
+    assert run_label({"loss": lml}) == "LML"
