@@ -243,6 +243,13 @@ def test_a_hybrid_run_evaluates_to_its_validation_metrics_and_records_its_encode
         assert got[k] == best[k]
     key = json.loads((out / "eval_key.json").read_text())
     assert key["method"]["name"] == "llara" and len(key["method"]["encoder_sha256"]) == 64
+    assert key["encoder_run"] == str(llara_run[1].method.encoder_run)  # where it was read (not part of the resume key)
+
+
+def test_a_hybrid_checkpoint_evaluated_as_bigrec_is_refused(allmrec_run, tmp_path):
+    ckpt = allmrec_run[0] / "checkpoints" / "last.ckpt"
+    with pytest.raises(ValueError, match="method=allmrec run; evaluate it with method=allmrec"):
+        evaluate_app(compose("eval.yaml", TINY + [f"ckpt_path={ckpt}", "subset=2"], tmp_path / "e"))
 
 
 def test_a_hybrid_checkpoint_holds_its_slot_parts_and_reloads_to_the_same_logits(allmrec_run):

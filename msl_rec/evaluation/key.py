@@ -15,7 +15,7 @@ from omegaconf import DictConfig
 
 from msl_rec.utils.config import plain
 
-KEY_IGNORED_ON_RESUME = ("ckpt_path",)  # the same content under another path is the same model
+KEY_IGNORED_ON_RESUME = ("ckpt_path", "encoder_run")  # the same content under another path is the same model
 
 
 def file_sha256(path: str | Path) -> str:
@@ -48,10 +48,13 @@ def eval_key(cfg: DictConfig, rows: range, predictor=None) -> dict[str, Any]:
     if decoder is not None and hasattr(decoder, "max_new_tokens"):
         decoder_cfg["max_new_tokens"] = int(decoder.max_new_tokens)  # null resolved from the catalog
     backbone = plain(cfg.backbone)
+    method = plain(cfg.get("method"))
+    # a hybrid method's encoder: by content (method.encoder_sha256), and where it was read from (encoder_run)
+    encoder_run = method.pop("encoder_run", None) if isinstance(method, dict) else None
     return {"split": cfg.split, "file": str(split_file), "file_sha256": file_sha256(split_file),
             "rows": [rows.start, rows.stop],
             "ckpt_sha256": file_sha256(ckpt) if ckpt else None, "ckpt_path": str(ckpt) if ckpt else None,
-            "method": plain(cfg.get("method")), "model": plain(cfg.get("model")),
+            "method": method, "encoder_run": encoder_run, "model": plain(cfg.get("model")),
             "backbone": {k: backbone.get(k) for k in ("name", "source", "model", "seed", "dtype", "lora", "tokenizer")},
             "prompt": {k: d.get(k) for k in ("instruction", "input_prefix", "cutoff_len")},
             "decoder": decoder_cfg, "dtype": getattr(predictor, "compute_dtype", None),

@@ -127,5 +127,8 @@ def run_stage1(slots: SlotEmbedding, model, datamodule, stage1: Mapping[str, Any
     dev = next(slots.parts.parameters()).device
     with torch.enable_grad():
         losses = align_items(slots, text.to(dev), history.to(dev), lengths.to(dev), targets.to(dev), stage1)
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        for p in slots.parts["aligner"].parameters():  # every rank keeps rank 0's aligner (GPU kernels may differ)
+            torch.distributed.broadcast(p.data, src=0)
     log.info("A-LLMRec stage 1: %d training rows, %d epochs; last epoch losses %s", len(samples),
              int(stage1.get("epochs", 10)), {k: round(v, 4) for k, v in losses.items()})

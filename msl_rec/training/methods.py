@@ -135,7 +135,14 @@ def load_module(cfg: DictConfig, catalog) -> Any:
         return module
     if cfg.get("ckpt_path"):
         check_checkpoint_backbone(cfg.ckpt_path, cfg.backbone)
-        kwargs = {"method": hybrid_checkpoint_method(cfg, catalog)} if is_hybrid(cfg) else {}
+        if is_hybrid(cfg):
+            kwargs = {"method": hybrid_checkpoint_method(cfg, catalog)}
+        else:
+            kwargs = {}
+            saved = (read_checkpoint(cfg.ckpt_path).get("hyper_parameters") or {}).get("method") or {}
+            if saved.get("kind") == "hybrid":  # its prompts carry encoder slots: BIGRec's prompt would mislead it
+                raise ValueError(f"checkpoint {cfg.ckpt_path} is a method={saved.get('name')} run; evaluate it with "
+                                 f"method={saved.get('name')} (or run_dir=<its run folder>)")
         module = RecLitModule.load_from_checkpoint(cfg.ckpt_path, map_location="cpu", **kwargs)
         log.info("loaded %s", cfg.ckpt_path)
         return module
