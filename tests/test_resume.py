@@ -95,6 +95,7 @@ def test_safe_key_list():
     assert not is_safe_resume_key("optim.lr") and not is_safe_resume_key("loggerx") and not is_safe_resume_key("seed")
 
 
+@pytest.mark.slow  # two CLI runs (~20 s); make test-full
 def test_cli_resume_with_a_budget_override_is_refused(compose_train, tmp_path):
     # the group list comes from Hydra's choices in hydra_main: budget was missing from the old hand-kept list
     run = make_run(compose_train, tmp_path / "run")

@@ -150,6 +150,7 @@ def test_sweep_runs_every_job(tmp_path, tiny_overrides, cli):
         assert f"| {j} | loss={loss} | {objective:.4f} | ok | " in table, table
 
 
+@pytest.mark.slow  # a 3-job sweep (~25 s); make test-full
 def test_sweep_with_a_failed_job_runs_the_others_and_exits_non_zero(tmp_path, tiny_overrides):
     # job 1's global batch (3) is not a multiple of the micro batch (2): it fails at once, job 0 trains
     args = [o for o in tiny_overrides if not o.startswith("optim.global_batch_size")]
