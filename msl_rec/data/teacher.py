@@ -18,7 +18,6 @@ log-likelihood per token), what DLLM2Rec's confidence weight reads (BIGRec's ``d
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 from collections.abc import Mapping, Sequence
@@ -29,6 +28,7 @@ from typing import Any
 import torch
 
 from msl_rec.data.io import Sample
+from msl_rec.utils.files import file_sha256
 
 log = logging.getLogger(__name__)
 
@@ -69,14 +69,6 @@ class TeacherLists:
         """Training row ``i``'s ``teacher_items`` (W,) and ``teacher_distance`` (W,) (what a batch stacks)."""
         return {"teacher_items": self.items[i], "teacher_distance": self.distance[i]}
 
-
-def file_sha256(path: str | Path) -> str:
-    """The SHA-256 of a file's bytes (as ``eval_key.json`` records them)."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def check_teacher_config(cfg: Mapping[str, Any]) -> None:

@@ -6,7 +6,6 @@ same key but for ``rows``. ``metrics.json`` repeats the parts a reader needs (:f
 
 from __future__ import annotations
 
-import hashlib
 import json
 from pathlib import Path
 from typing import Any
@@ -14,17 +13,10 @@ from typing import Any
 from omegaconf import DictConfig
 
 from msl_rec.utils.config import plain
+from msl_rec.utils.files import file_sha256
 
 KEY_IGNORED_ON_RESUME = ("ckpt_path", "encoder_run")  # the same content under another path is the same model
 
-
-def file_sha256(path: str | Path) -> str:
-    """The SHA-256 of a file's bytes (read in 1 MiB chunks)."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def eval_key(cfg: DictConfig, rows: range, predictor=None) -> dict[str, Any]:

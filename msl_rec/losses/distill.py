@@ -24,10 +24,9 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from torch import nn
 
 from msl_rec.losses.base import loss_setting
-from msl_rec.losses.sequential import _checked, dro_term, propensity_scores, sample_negatives
+from msl_rec.losses.sequential import DROSLoss, _checked, dro_term, sample_negatives
 
 __all__ = ["DLLM2RecLoss", "ranking_weights"]
 
@@ -55,7 +54,7 @@ def ranking_weights(scores: torch.Tensor, teacher_items: torch.Tensor, teacher_d
         return weight / weight.sum(dim=1, keepdim=True)
 
 
-class DLLM2RecLoss(nn.Module):
+class DLLM2RecLoss(DROSLoss):
     """The student's base loss (BCE, or BCE + DROS with ``alpha > 0``) + ``lam`` x DLLM2Rec's importance-aware
     ranking distillation (module docstring). Defaults are the released ``main.py``'s except ``alpha``: 0 here
     (the student's base loss is ``method=sasrec``'s BCE); the released default 1.0 is SASRec+DROS (README: 0.5).
@@ -76,12 +75,11 @@ class DLLM2RecLoss(nn.Module):
     """
 
     needs_teacher = True
-    ps: torch.Tensor | None
 
     def __init__(self, lam: float = 0.8, candidate_topk: int = 10, gamma_position: float = 0.3,
                  gamma_confidence: float = 0.5, gamma_consistency: float = 0.1, alpha: float = 0.0, beta: float = 1.0,
                  power: float = 0.05, num_negatives: int = 1):
-        super().__init__()
+        super().__init__(alpha, beta, power, num_negatives)  # DROS's settings, item counts and ps buffer
         self.lam = loss_setting("lam", lam, at_least=0)
         self.candidate_topk = loss_setting("candidate_topk", candidate_topk, at_least=1, integer=True)
         self.gammas = tuple(loss_setting(k, v, at_least=0) for k, v in (
@@ -90,18 +88,6 @@ class DLLM2RecLoss(nn.Module):
         if sum(self.gammas) == 0:
             raise ValueError("loss.gamma_position, loss.gamma_confidence, loss.gamma_consistency: all 0 leaves the "
                              "distillation weights 0/0; give at least one > 0")
-        self.alpha = loss_setting("alpha", alpha, at_least=0)
-        self.beta = loss_setting("beta", beta, above=0)
-        self.power = loss_setting("power", power, at_least=0)
-        self.num_negatives = loss_setting("num_negatives", num_negatives, at_least=1, integer=True)
-        self.register_buffer("ps", None, persistent=False)
-
-    def set_item_counts(self, counts: torch.Tensor) -> None:
-        """counts (I,): how often each item is a training target (DROS's nominal distribution, ``alpha > 0``)."""
-        counts = torch.as_tensor(counts)
-        if counts.dim() != 1 or len(counts) == 0 or bool((counts < 0).any()):
-            raise ValueError(f"DLLM2RecLoss.set_item_counts: counts must be (num_items,) >= 0; got {tuple(counts.shape)}")
-        self.ps = propensity_scores(counts, self.power)
 
     def _ps(self, scores: torch.Tensor) -> torch.Tensor:
         if self.ps is None or len(self.ps) != scores.shape[1]:

@@ -17,12 +17,12 @@ from typing import Any
 import torch
 
 from msl_rec.data.sequences import TitleCatalog
-from msl_rec.evaluation.key import file_sha256
 from msl_rec.evaluation.runner import best_checkpoint
 from msl_rec.models import checkpoint as ckpt_state
 from msl_rec.models.hybrid import SLOT_PARTS, SlotEmbedding, align_items
 from msl_rec.models.inference import CausalLMInference
 from msl_rec.training.sequential import SeqLitModule
+from msl_rec.utils.files import file_sha256
 
 log = logging.getLogger(__name__)
 
