@@ -115,12 +115,18 @@ def trainer_precision(trainer_cfg: DictConfig) -> str:
     return "bf16-mixed" if auto_dtype("cuda" if on_gpu else "cpu") == torch.bfloat16 else "32-true"
 
 
-def build_strategy(strategy: Any) -> Any:
+def build_strategy(strategy: Any, find_unused: bool = False) -> Any:
     """A strategy name as is; a ``_target_`` dict (trainer=fsdp, ddp_sim, ...) instantiated, with an FSDP
-    ``auto_wrap_policy`` given as class paths (LlamaDecoderLayer) turned into a set of classes."""
+    ``auto_wrap_policy`` given as class paths (LlamaDecoderLayer) turned into a set of classes.
+    ``find_unused``: some steps leave trainable parameters out of the loss (LLaRA's text-only curriculum steps
+    do not use the projector), so DDP must look for them (else it stops: "parameters that were not used")."""
+    if find_unused and strategy == "ddp":
+        return "ddp_find_unused_parameters_true"
     if not isinstance(strategy, dict) or "_target_" not in strategy:
         return strategy
     strategy = dict(strategy)
+    if find_unused and str(strategy["_target_"]).endswith("DDPStrategy"):
+        strategy.setdefault("find_unused_parameters", True)
     if isinstance(strategy.get("auto_wrap_policy"), list):
         strategy["auto_wrap_policy"] = {hydra.utils.get_class(c) for c in strategy["auto_wrap_policy"]}
     return hydra.utils.instantiate(strategy, _convert_="partial")
@@ -166,7 +172,8 @@ def train(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
     log.info("world size %d, micro batch %d, accumulate %d -> global batch %d", ws, cfg.data.micro_batch_size,
              accumulate, accumulate * ws * cfg.data.micro_batch_size)
     if "strategy" in trainer_cfg:
-        trainer_cfg["strategy"] = build_strategy(trainer_cfg["strategy"])
+        curriculum = bool(OmegaConf.select(cfg, "method.curriculum.enabled", default=False))
+        trainer_cfg["strategy"] = build_strategy(trainer_cfg["strategy"], find_unused=curriculum)
     trainer: L.Trainer = hydra.utils.instantiate(trainer_cfg, callbacks=callbacks, logger=loggers or False,
                                                  _convert_="partial")
     objects = {"cfg": cfg, "datamodule": dm, "model": module, "trainer": trainer}

@@ -305,3 +305,27 @@ def test_sdpo_from_a_hybrid_sft_run_keeps_the_sft_slot_parts(allmrec_run, encode
         if not n.startswith("encoder."):
             key = next(k for k in saved if k.endswith("slot_parts." + n))
             assert torch.equal(p.detach(), saved[key]) and not p.requires_grad
+
+
+def test_llara_asks_ddp_to_find_unused_parameters():
+    """LLaRA's text-only curriculum steps leave the projector out of the loss: DDP must be told (old: a DDP run
+    stopped at the first text-only step, "parameters that were not used in producing the loss")."""
+    from lightning.pytorch.strategies import DDPStrategy
+
+    from msl_rec.train import build_strategy
+
+    target = {"_target_": "lightning.pytorch.strategies.DDPStrategy", "process_group_backend": "gloo"}
+    assert build_strategy(dict(target), find_unused=True)._ddp_kwargs["find_unused_parameters"] is True
+    assert "find_unused_parameters" not in build_strategy(dict(target))._ddp_kwargs
+    assert isinstance(build_strategy(dict(target)), DDPStrategy)
+    assert build_strategy("ddp", find_unused=True) == "ddp_find_unused_parameters_true"
+    assert build_strategy("ddp") == "ddp"
+
+
+@pytest.mark.slow
+def test_llara_trains_under_ddp_through_text_only_steps(encoder_run, tmp_path, tiny_overrides, cli):
+    assert [hybrid_step(0, s, 0, 4) for s in range(4)].count(False) >= 2  # seed 0: text-only steps happen
+    cli("msl_rec.train", *tiny_overrides, "trainer=ddp_sim", "method=llara", f"method.encoder_run={encoder_run}",
+        "method.curriculum.seed=0", "logger=none", "data.train_subset=16", "data.valid_subset=2",
+        "optim.global_batch_size=4", "trainer.max_epochs=1", f"hydra.run.dir={tmp_path}", timeout=400)
+    assert (tmp_path / "checkpoints" / "last.ckpt").is_file()
