@@ -632,7 +632,7 @@ PAIRED_NOTE = ("Per-user differences (model - {base}; each model's value average
                "percentile bootstrap, resampling seeds then users (10,000 replicates). p: two-sided paired "
                "sign-flip permutation test of the mean difference. MDE: the smallest true difference this "
                "run finds with 80% power at alpha 0.05, 2.8 x sd(differences) / sqrt(users). \"no detectable "
-               "difference\": the interval covers 0.")
+               "difference\": the interval covers 0 or p >= 0.05 (few differing users: the two can disagree).")
 
 
 def write_report(roots: list[Path], out: Path) -> Path:

@@ -23,7 +23,10 @@ averaged over its seeds.
   computed from this run's own differences, so it says what a run of this size and noise could
   have told apart, not what any run would.
 
-The verdict is "no detectable difference" whenever the interval covers 0.
+The verdict is "no detectable difference" whenever the interval covers 0 or the test's p-value is not below
+``1 - confidence``. The two disagree when only a handful of users differ (a few hits among hundreds of users):
+the percentile bootstrap then excludes 0 while the exact sign-flip test cannot (5 users all in one direction
+give p = 1/16), and a table must not call that a difference.
 """
 
 from __future__ import annotations
@@ -68,7 +71,8 @@ class PairedComparison:
 
     @property
     def detectable(self) -> bool:
-        return not (self.ci_low <= 0.0 <= self.ci_high)
+        """The interval excludes 0 and the test agrees at the same level (see the module docstring)."""
+        return not (self.ci_low <= 0.0 <= self.ci_high) and self.p_value < 1 - self.confidence
 
     @property
     def verdict(self) -> str:

@@ -81,6 +81,21 @@ def test_noise_without_a_shift_reports_no_detectable_difference():
     assert c2.verdict == "model higher" and c2.p_value < 0.001 and c2.ci_low < 0.5 < c2.ci_high
 
 
+def test_a_few_differing_users_all_one_way_are_no_detectable_difference():
+    # 4 of 500 users hit by the model only: the percentile bootstrap interval excludes 0 (a replicate
+    # without any of the 4 has probability (496/500)**500 ~ 2%), but the exact sign-flip test cannot go below
+    # 2 / 2**4 = 0.125; the verdict follows the weaker of the two
+    model = np.zeros(500)
+    model[:4] = 1.0
+    c = compare_paired(model, np.zeros(500), "hr@10")
+    assert c.ci_low > 0 and c.p_value == pytest.approx(0.125)
+    assert not c.detectable and c.verdict == NO_DIFFERENCE
+    # with 12 such users both agree
+    model[:12] = 1.0
+    c = compare_paired(model, np.zeros(500), "hr@10")
+    assert c.ci_low > 0 and c.p_value < 0.05 and c.verdict == "model higher"
+
+
 def test_sign_flip_test_equals_brute_force_enumeration():
     model = np.array([0.5, 0.0, 1.0, 0.3, 0.0, 0.63, 0.2, 0.0, 1.0, 0.43])
     base = np.array([0.0, 0.0, 0.63, 0.0, 0.5, 0.0, 0.2, 1.0, 0.0, 0.0])  # two equal pairs (zero differences)
