@@ -58,7 +58,6 @@ COLUMNS = [("N@5", "ndcg@5"), ("N@10", "ndcg@10"), ("H@5", "hr@5"), ("H@10", "hr
 LOGP = ("logp", "target_logp")  # mean log-likelihood of the target title; a column when evaluated
 PAIRED = ["ndcg@10", "hr@10", "target_logp"]  # the per-user values compared with LML
 BASE = "LML"
-PAIRED_BASES = (BASE, "popularity")  # each model is compared with each of these present in its context
 MODEL_FREE = ("popularity", "random")  # baselines without a model: the same on every backbone and decoder
 FAILED = "failed.json"  # a failed job's {"error", "type", "overrides"}: msl_rec.utils.task.write_failure
 # a logger=wandb run's files: <run>/wandb/offline-run-<time>-<id>/run-<id>.wandb (online: run-<time>-<id>/)
@@ -161,6 +160,14 @@ def run_label(cfg: dict) -> str:
         label += " + alpha"
     method = str((cfg.get("method") or {}).get("name") or "bigrec")
     return label if method == "bigrec" else f"{HYBRID_LABELS.get(method, method)}+{label}"  # LLaRA+MSL
+
+
+def lml_base(label: str) -> str:
+    """The LML row a model is read against: its own LLM method's (``LLaRA+MSL`` -> ``LLaRA+LML``), else BIGRec's ``LML``."""
+    for name in HYBRID_LABELS.values():
+        if label.startswith(name + "+"):
+            return f"{name}+{BASE}"
+    return BASE
 
 
 def load_run(run: Path) -> dict:
@@ -418,10 +425,11 @@ def group_contexts(runs: list[dict]) -> list[list[dict]]:
     return [contexts[k] for k in sorted(contexts, key=order)]
 
 
-def paired_comparisons(runs: list[dict], base: str = BASE) -> list[tuple[str, object]]:
+def paired_comparisons(runs: list[dict], base: str = BASE, same_method: bool = False) -> list[tuple[str, object]]:
     """Every labelled group of evaluations against ``base``'s (LML, or popularity) on the users all of them share.
 
     ``runs``: one context's (its evaluations have the same users). Runs of one label are its seeds.
+    ``same_method``: only the labels whose :func:`lml_base` is ``base`` (``LLaRA+MSL`` against ``LLaRA+LML``).
     Raises if two evaluations disagree on a row's user or target (they evaluated different files or
     orders): a paired difference would be meaningless.
     """
@@ -437,7 +445,7 @@ def paired_comparisons(runs: list[dict], base: str = BASE) -> list[tuple[str, ob
               for rs in groups.values() for r in rs}
     out = []
     for label in sorted(groups, key=lambda s: (s in MODEL_FREE or s.startswith("zero-shot"), s)):
-        if label == base:
+        if label == base or (same_method and lml_base(label) != base):
             continue
         both = groups[label] + groups[base]
         rows = sorted(set.intersection(*(set(tables[id(r)]) for r in both)))
@@ -481,16 +489,18 @@ def fmt(mean: float, std: float, n: int) -> str:
 
 def results_table(runs: list[dict]) -> str:
     """Table 5 for one context's ``runs``: a row per label (its seeds: mean +- std), the number of
-    users, and each metric's relative change against LML of the same context."""
+    users, and each metric's relative change against the LML row of its own method (:func:`lml_base`), a method's
+    LML row against BIGRec's."""
     groups: dict[str, list[dict]] = defaultdict(list)
     for r in runs:
         groups[r["label"]].append(r)
-    base = groups.get(BASE)
     columns = COLUMNS + ([LOGP] if any(LOGP[1] in r["metrics"] for r in runs) else [])
     lines = ["| model | runs | users | " + " | ".join(c for c, _ in columns) + " |",
              "| --- | --- | --- | " + " | ".join("---" for _ in columns) + " |"]
     for label in sorted(groups, key=lambda s: (s != BASE, s)):
         rs = groups[label]
+        own = lml_base(label)  # LLaRA+MSL against LLaRA+LML; LLaRA+LML itself against BIGRec's LML
+        base = groups.get(own if label != own else BASE) if label != BASE else None
         cells = []
         for _, key in columns:
             if not any(key in r["metrics"] for r in rs):
@@ -498,7 +508,7 @@ def results_table(runs: list[dict]) -> str:
                 continue
             m, s = mean_std([r["metrics"].get(key, math.nan) for r in rs])
             cell = fmt(m, s, len(rs))
-            if base and label != BASE and key != LOGP[1]:
+            if base and key != LOGP[1]:
                 b, _ = mean_std([r["metrics"].get(key, math.nan) for r in base])
                 if b > 0:
                     cell += f" ({100 * (m - b) / b:+.1f}%)"
@@ -669,10 +679,12 @@ def build_report(roots: list[Path], out: Path) -> tuple[Path, list[dict]]:
         evaluated = all(r["predictions"] for r in rs)
         what = ("Metrics of each evaluation (msl-rec-eval) on these users" if evaluated
                 else "Validation metrics of each run's checkpoint with the best monitor.metric")
-        what += f" (in parentheses: relative change against {BASE} of this context)."
+        what += (f" (in parentheses: relative change against the {BASE} row of the model's own method in this "
+                 f"context, LLaRA+{BASE} for LLaRA's other losses; a method's {BASE} row against BIGRec's {BASE}).")
         parts += [f"## C{i}. {title}", "", what, "", results_table(rs), ""]
-        for base in PAIRED_BASES:  # against LML (the losses), and against popularity (Table 5's baselines)
-            comparisons = paired_comparisons(rs, base)
+        method_bases = sorted({lml_base(r["label"]) for r in rs} - {BASE})  # LLaRA+LML, A-LLMRec+LML
+        for base in [BASE, *method_bases, "popularity"]:  # every model against BIGRec's LML, each hybrid's losses
+            comparisons = paired_comparisons(rs, base, same_method=base in method_bases)  # against its own LML
             if comparisons:
                 parts += [f"## Paired comparison with {base} (same users): C{i}", "",
                           PAIRED_NOTE.format(base=base), "", paired_table(comparisons, base), ""]

@@ -6,6 +6,7 @@ runs made with other settings."""
 from __future__ import annotations
 
 import json
+import math
 import re
 import subprocess
 import sys
@@ -268,3 +269,29 @@ def test_report_labels_hybrid_runs_by_method_and_loss():
     assert run_label({"loss": lml, "method": {"name": "allmrec", "kind": "hybrid"}}) == "A-LLMRec+LML"
     assert run_label({"loss": msl, "method": {"name": "bigrec", "kind": "llm"}}) == "MSL"
     assert run_label({"loss": lml}) == "LML"
+
+
+def test_report_reads_each_hybrid_loss_against_its_own_methods_lml(tmp_path):
+    """LLaRA+MSL's relative change and paired comparison are against LLaRA+LML (old: against BIGRec's LML only,
+    and with no BIGRec LML in the folder, no comparison at all); every model is still paired with BIGRec's LML."""
+    from experiments.report import write_report
+
+    rows = list(range(10))
+    msl = {"_target_": "msl_rec.losses.MSLLoss", "tau": 1.0}
+    runs = [("bigrec", "lml", LML, [0] + [-1] * 9), ("llara", "lml", LML, [1, 1] + [-1] * 8),
+            ("llara", "msl", msl, [0, 0, 0] + [-1] * 7), ("allmrec", "lml", LML, [0, 3] + [-1] * 8)]
+    for method, name, loss, ranks in runs:
+        cfg = {**train_cfg(loss, 1), "method": {"name": method, "kind": "llm" if method == "bigrec" else "hybrid"}}
+        make_eval(tmp_path / "eval" / f"{method}_{name}", make_run(tmp_path / "train" / f"{method}_{name}", cfg),
+                  ranks, rows)
+    text = write_report([tmp_path / "eval"], tmp_path / "out").read_text()
+    ctx = section(text, "## C1.")
+    llara_lml = 2 / math.log2(3) / 10  # N@5 = N@10: two hits at rank 1 of 10 users
+    assert f"| LLaRA+MSL | 1 | 10 | 0.3000 ({100 * (0.3 - llara_lml) / llara_lml:+.1f}%) |" in ctx
+    assert f"| LLaRA+LML | 1 | 10 | {llara_lml:.4f} ({100 * (llara_lml - 0.1) / 0.1:+.1f}%) |" in ctx  # vs LML
+    own = section(text, "## Paired comparison with LLaRA+LML (same users): C1")
+    assert f"| LLaRA+MSL | ndcg@10 | 10 | 1, 1 | 0.3000 | {llara_lml:.4f} |" in own
+    assert "A-LLMRec" not in own and "| LML |" not in own  # only LLaRA's other losses
+    assert "## Paired comparison with A-LLMRec+LML" not in text  # A-LLMRec has no other loss here
+    bigrec = section(text, "## Paired comparison with LML (same users): C1")
+    assert all(f"| {m} | ndcg@10 |" in bigrec for m in ("LLaRA+LML", "LLaRA+MSL", "A-LLMRec+LML"))
