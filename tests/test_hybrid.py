@@ -195,6 +195,23 @@ def test_llara_curriculum_grows_from_text_only_to_hybrid_and_is_a_function_of_th
     assert hybrid_step(7, total - 1, 0, total) is True  # p = 1 at the end
 
 
+def test_train_hybrid_logs_the_share_of_the_steps_micro_batches(llara_run, monkeypatch):
+    """`train/hybrid` of an optimizer step is the share of its micro-batches that read the slots (old: the last
+    micro-batch's 0/1, which the logger kept for the whole step)."""
+    module = llara_run[3]["model"]
+    batch = next(iter(llara_run[3]["datamodule"].train_dataloader()))
+    draws = iter([(True, 0), (False, 1), (False, 2), (True, 3), (False, 0), (False, 1)])  # two steps of 4
+    logged = []
+    monkeypatch.setattr(module, "_curriculum", lambda batch_idx: next(draws))
+    monkeypatch.setattr(module, "log", lambda name, value, **kw: logged.append(value) if name == "train/hybrid" else None)
+    module.train()
+    with torch.no_grad():
+        for i in range(6):
+            module.training_step(batch, i)
+    assert logged == [1.0, 0.5, 1 / 3, 0.5, 0.0, 0.0]  # step 1 ends at 2 of 4; step 2 starts afresh
+    module.slots.use_items = True
+
+
 def test_text_only_steps_leave_the_projector_without_gradient(llara_run):
     objects = llara_run[3]
     module = objects["model"]

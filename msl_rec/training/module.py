@@ -218,8 +218,9 @@ class RecLitModule(RankingModule):
                 "num_valid": (rb.valid_ids >= 0).sum(1)}
 
     # ------------------------------------------------------------------ steps
-    def _curriculum(self, batch_idx: int) -> bool | None:
-        """LLaRA: whether this micro-batch reads the encoder slots (None: no curriculum)."""
+    def _curriculum(self, batch_idx: int) -> tuple[bool, int] | None:
+        """LLaRA: whether this micro-batch reads the encoder slots, and its index in the optimizer step (None: no
+        curriculum)."""
         method = self.hparams.get("method") or {}
         cur = method.get("curriculum") or {}
         if self.slots is None or not cur.get("enabled", False):
@@ -229,13 +230,17 @@ class RecLitModule(RankingModule):
             total = int(self.trainer.estimated_stepping_batches)
         except (RuntimeError, OverflowError):
             total = 0
-        return hybrid_step(int(cur.get("seed", 0)), int(self.global_step), batch_idx % accumulate, total)
+        micro = batch_idx % accumulate
+        return hybrid_step(int(cur.get("seed", 0)), int(self.global_step), micro, total), micro
 
     def training_step(self, batch: Mapping[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
-        use_items = self._curriculum(batch_idx)
-        if use_items is not None:  # until the batch ends (after backward: a recomputed forward reads the same)
+        curriculum = self._curriculum(batch_idx)
+        if curriculum is not None:  # until the batch ends (after backward: a recomputed forward reads the same)
+            use_items, micro = curriculum
             self.slots.use_items = use_items
-            self.log("train/hybrid", float(use_items), on_step=True, on_epoch=False)
+            self._hybrid_flags = [*(getattr(self, "_hybrid_flags", []) if micro else []), use_items]
+            # the share of this optimizer step's micro-batches so far; the logger keeps the step's last: its share
+            self.log("train/hybrid", sum(self._hybrid_flags) / len(self._hybrid_flags), on_step=True, on_epoch=False)
         rb = self.response_batch(batch)
         loss, metrics = self.loss(rb)
         bs = int(batch["input_ids"].shape[0])
