@@ -1,6 +1,6 @@
 """Evaluation app: rank a split with a decoder and write predictions.jsonl + metrics.json.
 
-    msl-rec-eval ckpt_path=outputs/train/runs/<t>/checkpoints/last.ckpt   # a checkpoint (+ this config)
+    msl-rec-eval ckpt_path=outputs/train/runs/<t>/checkpoints/last.ckpt   # a checkpoint: its loss, this config
     msl-rec-eval run_dir=outputs/train/runs/<t>      # that run's config and best (else last) checkpoint
     msl-rec-eval                                     # the zero-shot backbone
     msl-rec-eval run_dir=outputs/train/runs/<sasrec run> split=test   # a sequential method's run alike
@@ -24,7 +24,7 @@ from typing import Any
 
 import hydra
 import lightning as L
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from msl_rec.decoding import build_decoder, validate_top_k
 from msl_rec.evaluation import runner
@@ -61,6 +61,11 @@ def evaluate_app(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
         return merge_app(cfg)
     if cfg.get("run_dir"):
         cfg = runner.apply_run_dir(cfg)  # a folder that is not a run: an error naming the missing config
+    elif cfg.get("ckpt_path"):
+        cfg = runner.apply_checkpoint(cfg)  # its trained loss (and encoder), not this config's defaults
+        saved = Path(cfg.paths.output_dir) / ".hydra" / "config.yaml"
+        if saved.is_file():  # the run folder's config is the one evaluated (the report labels runs by it)
+            write_atomic(saved, OmegaConf.to_yaml(cfg))
     check_targets(cfg, source="the evaluation config")
     check_method(cfg, with_loss=False)  # e.g. decoder=item_scores on an LLM run: an error naming both
     L.seed_everything(int(cfg.seed), workers=True)

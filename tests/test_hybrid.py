@@ -263,6 +263,28 @@ def test_a_hybrid_run_evaluates_to_its_validation_metrics_and_records_its_encode
     assert key["encoder_run"] == str(llara_run[1].method.encoder_run)  # where it was read (not part of the resume key)
 
 
+def test_a_checkpoint_evaluated_by_path_is_labelled_by_its_trained_loss_and_records_its_encoder(llara_run, tmp_path):
+    """``ckpt_path=`` alone: the eval config's default loss is LML; the run folder must say MSL (what was trained),
+    or the report would put an MSL adapter in the LML row; its key names the encoder by content."""
+    from experiments.report import load_run
+
+    run, train_cfg = llara_run[0], llara_run[1]
+    ckpt = run / "checkpoints" / "last.ckpt"
+    out = tmp_path / "e"
+    enc = f"method.encoder_run={train_cfg.method.encoder_run}"
+    cfg = compose("eval.yaml", TINY + ["method=llara", enc, f"ckpt_path={ckpt}", "subset=2"], out)
+    assert cfg.loss._target_.endswith("LMLLoss")  # the default the result was labelled with before
+    _save_config(cfg, out)  # as the Hydra app does before the job runs
+    evaluate_app(cfg)
+    assert load_run(out)["label"] == "LLaRA+MSL"
+    key = json.loads((out / "eval_key.json").read_text())
+    assert key["method"]["encoder_sha256"] == train_cfg.method.encoder_sha256 and len(key["method"]["encoder_sha256"]) == 64
+    with pytest.raises(ValueError, match="was trained with loss=msl, but the command line has 'loss=lml'"):
+        from msl_rec.evaluation.runner import apply_checkpoint
+        apply_checkpoint(compose("eval.yaml", TINY + ["method=llara", f"ckpt_path={ckpt}", "loss=lml"], tmp_path / "e2"),
+                         ["method=llara", f"ckpt_path={ckpt}", "loss=lml"])
+
+
 def test_a_hybrid_checkpoint_evaluated_as_bigrec_is_refused(allmrec_run, tmp_path):
     ckpt = allmrec_run[0] / "checkpoints" / "last.ckpt"
     with pytest.raises(ValueError, match="method=allmrec run; evaluate it with method=allmrec"):

@@ -25,6 +25,7 @@ from msl_rec.data.build import build_data
 from msl_rec.decoding import decoder_settings, needs_train_targets
 from msl_rec.evaluation.evaluate import EvalResult
 from msl_rec.evaluation.predict import BatchPredictor
+from msl_rec.models.checkpoint import read_checkpoint
 from msl_rec.utils.config import plain
 from msl_rec.utils.registry import LOSSES, SEQUENTIAL_MODELS, check_targets
 from msl_rec.utils.schema import RunConfig
@@ -170,6 +171,35 @@ def apply_run_dir(cfg: DictConfig, overrides: list[str] | None = None) -> DictCo
             cfg.decoder = saved.decoder
     if mine:
         log.info("run_dir=%s with command-line overrides on top: %s", run_dir, ", ".join(mine))
+    return cfg
+
+
+def apply_checkpoint(cfg: DictConfig, overrides: list[str] | None = None) -> DictConfig:
+    """``ckpt_path=`` without ``run_dir=``: the loss the checkpoint was trained with (its hyper-parameters), not the
+    evaluation config's default, is the evaluation's, so its config and the report name the model that was trained
+    (an MSL adapter evaluated this way was labelled LML before). A command-line ``loss=<other>`` is an error, as with
+    ``run_dir=``; single keys (``loss.tau=...``) still apply on top. A hybrid checkpoint's encoder SHA-256 goes into
+    ``cfg.method`` before the evaluation key is written, so the key records the encoder by content."""
+    saved = read_checkpoint(cfg.ckpt_path).get("hyper_parameters") or {}
+    overrides = command_line_overrides() if overrides is None else overrides
+    with open_dict(cfg):
+        if saved.get("loss"):
+            check_targets(saved["loss"], source=f"checkpoint {cfg.ckpt_path}", prefix="loss.")
+            trained = LOSSES.get(saved["loss"].get("_target_"))
+            mine = []
+            for ov in overrides:
+                key, _, value = ov.lstrip("+~").partition("=")
+                if key == "loss" and value != trained:
+                    raise ValueError(f"ckpt_path={cfg.ckpt_path} was trained with loss={trained}, but the command line "
+                                     f"has {ov!r}: its results would be labelled as another loss; drop {ov!r}")
+                if key.startswith("loss."):
+                    mine.append((key, value))
+            cfg.loss = _typed_like("loss", OmegaConf.create(saved["loss"]))
+            for key, value in mine:
+                OmegaConf.update(cfg, key, OmegaConf.from_dotlist([f"v={value}"]).v, force_add=True)
+        method = saved.get("method") or {}
+        if method.get("encoder_sha256") and (cfg.get("method") or {}).get("name") == method.get("name"):
+            cfg.method.encoder_sha256 = method["encoder_sha256"]
     return cfg
 
 
