@@ -17,6 +17,7 @@ from msl_rec.eval import evaluate_app
 from msl_rec.models.checkpoint import CheckpointError
 from msl_rec.models.hybrid import SlotEmbedding, align_items, find_slots, hybrid_step
 from msl_rec.models.inference import backbone_body, position_ids_from_mask
+from msl_rec.models.sequential import SASRec
 from msl_rec.train import train
 from msl_rec.training.methods import check_method
 from msl_rec.training.module import RecLitModule
@@ -186,6 +187,49 @@ def test_changing_an_items_encoder_embedding_changes_the_logits_and_text_only_st
 
 
 # ---------------------------------------------------------------------------- curriculum and stage 1
+@pytest.mark.parametrize("fixture", ["llara_run", "allmrec_run"])
+def test_a_users_slot_embeddings_do_not_depend_on_its_batch_mates(fixture, request):
+    """Each row's slots equal, bit for bit, those of the row embedded alone: a product over the whole batch's
+    slots rounds with the number of rows, which made scores depend on the evaluation batch size."""
+    objects = request.getfixturevalue(fixture)[3]
+    slots = find_slots(objects["model"].model)
+    ids = _batch(objects, n=2)["input_ids"]
+    rows = [ids[b:b + 1] for b in range(len(ids))]
+    many = torch.cat(rows * 8)  # 16 rows: another kernel blocking than 1 row
+    with torch.no_grad():
+        together = slots(many)
+        for b, row in enumerate(rows):
+            alone = slots(row)[0]
+            for copy in range(8):
+                assert torch.equal(together[copy * len(rows) + b], alone), f"row {b}, copy {copy}"
+
+
+@pytest.mark.parametrize("kind", ["llara", "allmrec"])
+def test_slot_embeddings_do_not_depend_on_the_thread_count(kind):
+    """Bit-equal slots on 1 and on 2 threads at SmolLM2's width (576) and SASRec's (64), with trained-sized weights:
+    split over threads, the small products round differently (before: up to 4e-5 here, and a machine's core count
+    moved A-LLMRec's target_logp by 1.3e-5)."""
+    torch.manual_seed(0)
+    vocab, items = 1000, 500
+    slots = SlotEmbedding(torch.nn.Embedding(vocab, 576), SASRec(num_items=items), slot_base=vocab, kind=kind)
+    ids = torch.randint(0, vocab, (16, 60))
+    ids[:, 5:55:5] = vocab + torch.randint(0, items, (16, 10))
+    if kind == "allmrec":
+        ids[:, 3] = vocab + items  # the user slot, read from the items after it
+    threads = torch.get_num_threads()
+    try:
+        with torch.no_grad():
+            for p in slots.parts.parameters():
+                p.add_(torch.randn_like(p) * 0.5)
+            torch.set_num_threads(1)
+            one = slots(ids)
+            torch.set_num_threads(2)
+            two = slots(ids)
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(one, two)
+
+
 def test_llara_curriculum_grows_from_text_only_to_hybrid_and_is_a_function_of_the_step():
     total = 400
     draws = [hybrid_step(7, s, 0, total) for s in range(total)]

@@ -26,8 +26,9 @@ Parameters under ``slot_parts`` other than the encoder's are the method's state:
 
 from __future__ import annotations
 
+import contextlib
 import math
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from typing import Any
 
 import torch
@@ -156,9 +157,16 @@ class SlotEmbedding(nn.Embedding):
         if not self.use_items:
             vec = self.placeholder().to(out.dtype)
             return torch.where(slot[..., None], vec, out)
+        with one_thread(out.device):
+            return self._fill_slots(out, index, item, user)
+
+    def _fill_slots(self, out: torch.Tensor, index: torch.Tensor, item: torch.Tensor, user: torch.Tensor) -> torch.Tensor:
         if bool(item.any()):
-            vecs = self.item_vectors(index[item]).to(out.dtype)
-            out = out.masked_scatter(item[..., None].expand_as(out), vecs)
+            # one row at a time: a matrix product's rows round differently with the number of rows (CPU kernels
+            # pick their blocking by size), so one product over the batch made a row's slots depend on its
+            # batch-mates in batched forwards (training; evaluation encodes each prompt alone anyway)
+            vecs = torch.cat([self.item_vectors(row[mask]) for row, mask in zip(index, item) if bool(mask.any())])
+            out = out.masked_scatter(item[..., None].expand_as(out), vecs.to(out.dtype))
         if bool(user.any()):
             if self.kind != "allmrec":
                 raise ValueError(f"method={self.kind} has no user slot (id {self.slot_base + self.num_items})")
@@ -171,6 +179,22 @@ class SlotEmbedding(nn.Embedding):
                 vecs.append(self.user_vector(index[b, t + 1:][later]))
             out = out.masked_scatter(user[..., None].expand_as(out), torch.stack(vecs).to(out.dtype))
         return out
+
+
+@contextlib.contextmanager
+def one_thread(device: torch.device) -> Iterator[None]:
+    """On CPU, the slots' small products and norms on one thread: split over threads they round differently
+    (A-LLMRec's slot embeddings moved by 1.4e-6 and a target_logp by 1.3e-5 between 1 and 2 threads, so a
+    machine's core count changed the scores); they are a few dozen rows, so one thread costs nothing."""
+    n = torch.get_num_threads()
+    if device.type != "cpu" or n == 1:
+        yield
+        return
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(n)
 
 
 def install_slots(model: nn.Module, encoder: nn.Module, slot_base: int, kind: str, latent: int = 128
