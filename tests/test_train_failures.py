@@ -140,6 +140,10 @@ def test_eval_run_dir_without_checkpoint_or_config_is_an_error(tmp_path, compose
     cfg = compose_eval(f"run_dir={tmp_path}")
     with pytest.raises(FileNotFoundError, match=r"\.hydra/config\.yaml"):
         apply_run_dir(cfg)
+    (tmp_path / ".hydra").mkdir()
+    (tmp_path / ".hydra" / "config.yaml").write_text("trainer:\n  fast_dev_run: true\n")
+    with pytest.raises(FileNotFoundError, match=r"a debug=fdr run .* saves no checkpoint; train with debug=limit"):
+        best_checkpoint(tmp_path)
 
 
 # --- issue 19: run folders, run ids, training length ------------------------------------------------------------

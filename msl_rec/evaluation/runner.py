@@ -91,6 +91,10 @@ def best_checkpoint(run_dir: Path) -> Path:
             return path
     last = ckpts / "last.ckpt"
     if not last.is_file():
+        saved = run_dir / ".hydra" / "config.yaml"
+        if saved.is_file() and OmegaConf.select(OmegaConf.load(saved), "trainer.fast_dev_run", default=False):
+            raise FileNotFoundError(f"run_dir={run_dir}: a debug=fdr run (trainer.fast_dev_run), which saves no "
+                                    "checkpoint; train with debug=limit (a few batches, checkpoints saved) to evaluate it")
         raise FileNotFoundError(f"run_dir={run_dir}: no checkpoint (neither best_ckpt in metrics.json nor "
                                 f"{last}); was the run trained? pass ckpt_path= explicitly")
     state = torch.load(last, map_location="cpu", weights_only=True).get("callbacks", {})
