@@ -329,6 +329,29 @@ def test_a_checkpoint_evaluated_by_path_is_labelled_by_its_trained_loss_and_reco
                          ["method=llara", f"ckpt_path={ckpt}", "loss=lml"])
 
 
+@pytest.mark.parametrize("decoder", ["cbs", "grounding"])
+def test_a_hybrid_run_evaluates_with_the_other_decoders(llara_run, decoder, tmp_path):
+    """Beyond the default cbs_masked: transformers-style masking after the softmax, and BIGRec's grounding (free
+    generation from the slot prompt, then the nearest catalog title) rank 10 distinct catalog items per user."""
+    out = tmp_path / decoder
+    evaluate_app(compose("eval.yaml", TINY + [f"run_dir={llara_run[0]}", "subset=2", f"decoder={decoder}",
+                                              "top_k=[1,5,10]"], out))
+    rows = [json.loads(line) for line in (out / "predictions.jsonl").read_text().splitlines()]
+    assert len(rows) == 2 and json.loads((out / "eval_key.json").read_text())["decoder"]["name"] == decoder
+    for row in rows:
+        items = [i for group in row["ranked_ids"] for i in group]
+        assert len(row["ranked_ids"]) == 10 and len(set(items)) == len(items)
+
+
+def test_msl_ats_trains_a_hybrid_method(encoder_run, tmp_path):
+    """The fourth loss: MSL with the adaptive temperature, on A-LLMRec's slot prompts (its tau is logged)."""
+    run, cfg, _, objects = _hybrid(tmp_path, encoder_run, "allmrec", "loss=msl_ats")
+    loss = objects["model"].loss
+    assert type(loss).__name__ == "MSLATSLoss" and int(loss.step) >= 1  # its optimizer steps were counted
+    assert 1.5 - 1e-9 <= float(loss.tau_ema) <= 5  # the released rule's clamp (EMA of clamped values)
+    assert "ndcg@10" in json.loads((run / "metrics.json").read_text())
+
+
 def test_a_hybrid_checkpoint_evaluated_as_bigrec_is_refused(allmrec_run, tmp_path):
     ckpt = allmrec_run[0] / "checkpoints" / "last.ckpt"
     with pytest.raises(ValueError, match="method=allmrec run; evaluate it with method=allmrec"):
