@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -14,6 +15,21 @@ from msl_rec.utils.wandb_files import read_records
 from tests.conftest import TINY, compose
 
 
+def _finished_records(path: Path, timeout: float = 60.0) -> list:
+    """The records of a wandb run file once its last one is ``exit`` (a file still being written may also end
+    in a partial record, which the reader refuses: read again)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            records = read_records(path)
+        except ValueError:
+            records = []
+        if records and records[-1].WhichOneof("record_type") == "exit":
+            return records
+        assert time.monotonic() < deadline, f"{path}: no exit record after {timeout:g} s (the run did not finish)"
+        time.sleep(0.2)
+
+
 class OfflineRun:
     """What an offline run logged: its run record, config, final summary and history rows."""
 
@@ -22,7 +38,10 @@ class OfflineRun:
         assert len(logs) == 1, f"expected one offline wandb run under {run_dir}/wandb, found {logs}"
         self.files = logs[0].parent / "files"
         self.run, self.config, self.summary, self.history, self.metrics = None, {}, {}, [], []
-        for r in read_records(logs[0]):  # the project's reader (wandb 0.31 has none in Python)
+        # wandb.finish() can return before wandb-core has written the file out (offline): read it once it holds
+        # the run's last record, `exit` (before, the test read a half-written file in ~1 of 10 runs)
+        records = _finished_records(logs[0])
+        for r in records:  # the project's reader (wandb 0.31 has none in Python)
             kind = r.WhichOneof("record_type")
             if kind == "run":
                 self.run = r.run
