@@ -500,7 +500,7 @@ def results_table(runs: list[dict]) -> str:
     for label in sorted(groups, key=lambda s: (s != BASE, s)):
         rs = groups[label]
         own = lml_base(label)  # LLaRA+MSL against LLaRA+LML; LLaRA+LML itself against BIGRec's LML
-        base = groups.get(own if label != own else BASE) if label != BASE else None
+        base = None if label == BASE else groups.get(BASE if label == own else own)
         cells = []
         for _, key in columns:
             if not any(key in r["metrics"] for r in rs):

@@ -117,8 +117,9 @@ def command_line_overrides() -> list[str]:
         return []
 
 
-def run_choice(saved: DictConfig, group: str) -> str | None:
-    """The option of config group ``group`` a saved run config was composed with (by its name)."""
+def run_choice(saved: Mapping, group: str) -> str | None:
+    """The option of config group ``group`` a saved run config (or a checkpoint's hyper-parameters) was composed
+    with (by its name)."""
     node = saved.get(group)
     if node is None:
         return None
@@ -127,6 +128,30 @@ def run_choice(saved: DictConfig, group: str) -> str | None:
     if group == "model":
         return SEQUENTIAL_MODELS.get(node.get("_target_"))
     return node.get("name")
+
+
+def _values_on_top(overrides: list[str], keys: Sequence[str], saved: Any,
+                   refuse: Callable[[str, str], Exception]) -> list[str]:
+    """The command line's single-key overrides (``loss.tau=1.5``) of the groups ``keys`` a saved model provides, to
+    apply on top of its settings; a group override naming another option than the saved one (``loss=lml`` for an
+    MSL model) raises ``refuse(group, override)``; naming the saved one is nothing to change."""
+    mine = []
+    for ov in overrides:
+        key = ov.split("=", 1)[0].lstrip("+~")
+        if key.split(".", 1)[0] not in keys:
+            continue
+        if "." not in key and key != "seed":
+            if ov.split("=", 1)[1] == run_choice(saved, key):
+                continue
+            raise refuse(key, ov)
+        mine.append(ov.lstrip("+"))
+    return mine
+
+
+def _apply_values(cfg: DictConfig, overrides: list[str]) -> None:
+    for ov in overrides:
+        key, value = ov.split("=", 1)
+        OmegaConf.update(cfg, key, OmegaConf.from_dotlist([f"v={value}"]).v, force_add=True)
 
 
 def apply_run_dir(cfg: DictConfig, overrides: list[str] | None = None) -> DictConfig:
@@ -148,25 +173,14 @@ def apply_run_dir(cfg: DictConfig, overrides: list[str] | None = None) -> DictCo
     saved = OmegaConf.load(saved_file)
     check_targets(saved, source=str(saved_file))  # a file is data: only allowlisted classes, before use
     overrides = command_line_overrides() if overrides is None else overrides
-    mine = []
-    for ov in overrides:
-        key = ov.split("=", 1)[0].lstrip("+~")
-        if key.split(".", 1)[0] not in RUN_KEYS:
-            continue
-        if "." not in key and key != "seed":
-            if ov.split("=", 1)[1] == run_choice(saved, key):
-                continue  # the run's own option: nothing to change
-            raise ValueError(f"run_dir={run_dir} takes {key} from the run, but the command line has {ov!r}: a model "
-                             f"trained on that run's {key} cannot be evaluated as another one; override single keys "
-                             f"(e.g. {key}.<key>=...) or drop run_dir=")
-        mine.append(ov.lstrip("+"))
+    mine = _values_on_top(overrides, RUN_KEYS, saved, lambda key, ov: ValueError(
+        f"run_dir={run_dir} takes {key} from the run, but the command line has {ov!r}: a model trained on that "
+        f"run's {key} cannot be evaluated as another one; override single keys (e.g. {key}.<key>=...) or drop run_dir="))
     with open_dict(cfg):
         for key in RUN_KEYS:
             if key in saved:
                 cfg[key] = _typed_like(key, saved[key])
-        for ov in mine:  # the command line wins over the saved run
-            key, value = ov.split("=", 1)
-            OmegaConf.update(cfg, key, OmegaConf.from_dotlist([f"v={value}"]).v, force_add=True)
+        _apply_values(cfg, mine)  # the command line wins over the saved run
         if not cfg.get("ckpt_path"):
             cfg.ckpt_path = str(best_checkpoint(run_dir))
         # a sequential run ranks with the decoder it was validated with, unless the command line names one
@@ -189,18 +203,11 @@ def apply_checkpoint(cfg: DictConfig, overrides: list[str] | None = None) -> Dic
     with open_dict(cfg):
         if saved.get("loss"):
             check_targets(saved["loss"], source=f"checkpoint {cfg.ckpt_path}", prefix="loss.")
-            trained = LOSSES.get(saved["loss"].get("_target_"))
-            mine = []
-            for ov in overrides:
-                key, _, value = ov.lstrip("+~").partition("=")
-                if key == "loss" and value != trained:
-                    raise ValueError(f"ckpt_path={cfg.ckpt_path} was trained with loss={trained}, but the command line "
-                                     f"has {ov!r}: its results would be labelled as another loss; drop {ov!r}")
-                if key.startswith("loss."):
-                    mine.append((key, value))
+            mine = _values_on_top(overrides, ("loss",), saved, lambda key, ov: ValueError(
+                f"ckpt_path={cfg.ckpt_path} was trained with loss={run_choice(saved, 'loss')}, but the command line "
+                f"has {ov!r}: its results would be labelled as another loss; drop {ov!r}"))
             cfg.loss = _typed_like("loss", OmegaConf.create(saved["loss"]))
-            for key, value in mine:
-                OmegaConf.update(cfg, key, OmegaConf.from_dotlist([f"v={value}"]).v, force_add=True)
+            _apply_values(cfg, mine)
         method = saved.get("method") or {}
         if method.get("encoder_sha256") and (cfg.get("method") or {}).get("name") == method.get("name"):
             cfg.method.encoder_sha256 = method["encoder_sha256"]
